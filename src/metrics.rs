@@ -1,0 +1,258 @@
+//! Metric families of the pools and the module store: instances created,
+//! reused and retired per function (the function name, never the slot hash,
+//! to bound cardinality), guest faults, cold starts (compiled vs loaded)
+//! and their durations, and compile times. Call-level families live with
+//! the runner (`runner::CallMetrics`), core dumps with `coredump`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::guest::FaultKind;
+use crate::module_store::LoadSource;
+use crate::pool::{PoolEvent, PoolObserver, RetireReason};
+use crate::runner::{ColdStartObserver, latency_buckets};
+use crate::slot::Slot;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CreatedLabels {
+    function: String,
+    when: CreatedWhen,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum CreatedWhen {
+    /// On a call's path.
+    on_call,
+    /// Ahead of demand (`min_warm`).
+    prewarm,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetiredLabels {
+    function: String,
+    reason: RetiredReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum RetiredReason {
+    trap,
+    timeout,
+    oom,
+    max_jobs,
+    idle,
+    high_water,
+    error,
+    guest_asked,
+    reset,
+}
+
+impl From<RetireReason> for RetiredReason {
+    fn from(reason: RetireReason) -> Self {
+        match reason {
+            RetireReason::Trap => RetiredReason::trap,
+            RetireReason::Timeout => RetiredReason::timeout,
+            RetireReason::MemoryLimit => RetiredReason::oom,
+            RetireReason::MaxJobs => RetiredReason::max_jobs,
+            RetireReason::Idle => RetiredReason::idle,
+            RetireReason::HighWater => RetiredReason::high_water,
+            RetireReason::Error => RetiredReason::error,
+            RetireReason::GuestAsked => RetiredReason::guest_asked,
+            RetireReason::Reset => RetiredReason::reset,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    function: String,
+    kind: FaultLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum FaultLabel {
+    trap,
+    timeout,
+    oom,
+    other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ColdStartLabels {
+    function: String,
+    source: SourceLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum SourceLabel {
+    /// Compiled from the module bytes.
+    compiled,
+    /// Loaded from the module store on disk.
+    store,
+    /// Already in memory (another slot of the same module).
+    memory,
+}
+
+/// The pool and cold-start families.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    created: Family<CreatedLabels, Counter>,
+    reused: Family<FunctionLabels, Counter>,
+    retired: Family<RetiredLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
+    cold_starts: Family<ColdStartLabels, Counter>,
+    cold_start_duration: Family<FunctionLabels, Histogram>,
+    instantiate_duration: Family<FunctionLabels, Histogram>,
+    compile_duration: Histogram,
+}
+
+impl PoolMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            created: Family::default(),
+            reused: Family::default(),
+            retired: Family::default(),
+            faults: Family::default(),
+            cold_starts: Family::default(),
+            cold_start_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            instantiate_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            compile_duration: Histogram::new(latency_buckets()),
+        };
+        registry.register(
+            "fnrunner_instances_created",
+            "Instances made, on a call's path or ahead of demand",
+            metrics.created.clone(),
+        );
+        registry.register(
+            "fnrunner_instances_reused",
+            "Calls served by an instance that had served before",
+            metrics.reused.clone(),
+        );
+        registry.register(
+            "fnrunner_instances_retired",
+            "Instances destroyed, by reason",
+            metrics.retired.clone(),
+        );
+        registry.register(
+            "fnrunner_guest_faults",
+            "Calls that failed because of the guest (trap, timeout, memory limit, other)",
+            metrics.faults.clone(),
+        );
+        registry.register(
+            "fnrunner_cold_starts",
+            "Slots made (first call or prewarm), by where the compiled module came from",
+            metrics.cold_starts.clone(),
+        );
+        registry.register_with_unit(
+            "fnrunner_cold_start_duration",
+            "Time to make a slot: load or compile the module, then prepare it",
+            Unit::Seconds,
+            metrics.cold_start_duration.clone(),
+        );
+        registry.register_with_unit(
+            "fnrunner_instantiate_duration",
+            "Time to make one instance",
+            Unit::Seconds,
+            metrics.instantiate_duration.clone(),
+        );
+        registry.register_with_unit(
+            "fnrunner_compile_duration",
+            "Time to compile a module (cache misses only)",
+            Unit::Seconds,
+            metrics.compile_duration.clone(),
+        );
+        metrics
+    }
+
+    /// Records one compile (the module store calls this).
+    pub fn compiled(&self, duration: Duration) {
+        self.compile_duration.observe(duration.as_secs_f64());
+    }
+}
+
+fn function(name: &str) -> FunctionLabels {
+    FunctionLabels {
+        function: name.to_owned(),
+    }
+}
+
+impl PoolObserver for PoolMetrics {
+    fn on_event(&self, name: &str, event: &PoolEvent) {
+        match event {
+            PoolEvent::Created { prewarmed, duration } => {
+                let when = if *prewarmed {
+                    CreatedWhen::prewarm
+                } else {
+                    CreatedWhen::on_call
+                };
+                self.created
+                    .get_or_create(&CreatedLabels {
+                        function: name.to_owned(),
+                        when,
+                    })
+                    .inc();
+                self.instantiate_duration
+                    .get_or_create(&function(name))
+                    .observe(duration.as_secs_f64());
+            }
+            PoolEvent::Reused => {
+                self.reused.get_or_create(&function(name)).inc();
+            }
+            PoolEvent::Retired { reason } => {
+                self.retired
+                    .get_or_create(&RetiredLabels {
+                        function: name.to_owned(),
+                        reason: (*reason).into(),
+                    })
+                    .inc();
+            }
+            PoolEvent::Fault { kind } => {
+                let kind = match kind {
+                    FaultKind::Trap => FaultLabel::trap,
+                    FaultKind::Timeout => FaultLabel::timeout,
+                    FaultKind::MemoryLimit => FaultLabel::oom,
+                    _ => FaultLabel::other,
+                };
+                self.faults
+                    .get_or_create(&FaultLabels {
+                        function: name.to_owned(),
+                        kind,
+                    })
+                    .inc();
+            }
+        }
+    }
+}
+
+impl ColdStartObserver for PoolMetrics {
+    fn cold_start(&self, name: &str, slot: &Slot) {
+        let cold = slot.cold_start();
+        let source = match cold.source {
+            LoadSource::Compiler => SourceLabel::compiled,
+            LoadSource::Store => SourceLabel::store,
+            LoadSource::Memory => SourceLabel::memory,
+        };
+        self.cold_starts
+            .get_or_create(&ColdStartLabels {
+                function: name.to_owned(),
+                source,
+            })
+            .inc();
+        self.cold_start_duration
+            .get_or_create(&function(name))
+            .observe((cold.load_time + cold.prepare_time).as_secs_f64());
+    }
+}
