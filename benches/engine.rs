@@ -48,9 +48,8 @@ fn phases(c: &mut Criterion) {
 
         group.bench_function("compile", |b| {
             b.iter_with_large_drop(|| match def.kind {
-                GuestKind::Http => {
-                    wasmtime::component::Component::new(engine.wasmtime(), &def.bytes).map(Compiled::Component)
-                }
+                GuestKind::Http => wasmtime::component::Component::new(engine.wasmtime(), &def.bytes)
+                    .map(Compiled::Component),
                 GuestKind::Cgi => wasmtime::Module::new(engine.wasmtime(), &def.bytes).map(Compiled::Module),
             })
         });

@@ -309,7 +309,10 @@ impl ModuleStore {
         if expected.kind != kind.as_str() {
             return Err("artifact is of the other guest kind".into());
         }
-        let bytes = self.dir.read(name).map_err(|error| format!("cannot read: {error}"))?;
+        let bytes = self
+            .dir
+            .read(name)
+            .map_err(|error| format!("cannot read: {error}"))?;
         if bytes.len() as u64 != expected.len {
             return Err(format!("truncated: {} of {} bytes", bytes.len(), expected.len));
         }
@@ -335,7 +338,11 @@ impl ModuleStore {
     }
 
     fn write_artifact(&self, name: &str, kind: GuestKind, payload: &[u8]) -> std::io::Result<()> {
-        let unique = format!("{}-{}", std::process::id(), self.temp_counter.fetch_add(1, Ordering::Relaxed));
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            self.temp_counter.fetch_add(1, Ordering::Relaxed)
+        );
         let temp_artifact = format!(".tmp-{unique}-{name}");
         let temp_sum = format!(".tmp-{unique}-{name}.sum");
         let sum = Sum {
@@ -369,7 +376,11 @@ impl ModuleStore {
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
-                .and_then(|modified| std::time::SystemTime::now().duration_since(modified.into_std()).ok())
+                .and_then(|modified| {
+                    std::time::SystemTime::now()
+                        .duration_since(modified.into_std())
+                        .ok()
+                })
                 .is_some_and(|age| age > STALE_TEMP_AGE);
             if stale && name.to_string_lossy().starts_with(".tmp-") {
                 let _ = self.dir.remove_file(&name);
@@ -387,7 +398,10 @@ struct Sum {
 
 impl Sum {
     fn render(&self) -> String {
-        format!("{SUM_MAGIC} kind={} len={} xxh3={:032x}\n", self.kind, self.len, self.xxh3)
+        format!(
+            "{SUM_MAGIC} kind={} len={} xxh3={:032x}\n",
+            self.kind, self.len, self.xxh3
+        )
     }
 
     fn parse(text: &str) -> Option<Self> {

@@ -2,6 +2,8 @@
 //! test process, slots from fixtures, and running the real binary.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
