@@ -118,6 +118,8 @@ pub struct CallReport {
     /// Guest log output kept for this call, and the count of dropped bytes.
     pub log: (Bytes, usize),
     pub coredump: Option<Vec<u8>>,
+    /// The call's tracing span (call id, function, slot hash, outcome).
+    pub span: tracing::Span,
 }
 
 impl CallReport {
@@ -170,6 +172,7 @@ pub struct Call {
     instance: InstanceUse,
     log: (Bytes, usize),
     coredump: Option<Vec<u8>>,
+    span: tracing::Span,
     on_complete: Option<OnComplete>,
 }
 
@@ -182,7 +185,15 @@ impl Call {
         deadline: Instant,
         on_complete: impl FnOnce(CallReport) + Send + 'static,
     ) -> Self {
+        let span = tracing::info_span!(
+            "call",
+            call_id = %id,
+            function = %function,
+            slot = slot_hash.short(),
+            outcome = tracing::field::Empty,
+        );
         Self {
+            span,
             id,
             function,
             slot_hash,
@@ -197,6 +208,11 @@ impl Call {
             coredump: None,
             on_complete: Some(Box::new(on_complete)),
         }
+    }
+
+    /// The call's span: everything logged while running the call is in it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// Records that the guest was entered at `at`.
@@ -240,6 +256,11 @@ impl Call {
             return;
         };
         let total = self.created.elapsed();
+        let outcome_label = match &outcome {
+            Ok(status) => status.as_u16().to_string(),
+            Err(error) => error.kind().code().to_owned(),
+        };
+        self.span.record("outcome", outcome_label.as_str());
         on_complete(CallReport {
             id: self.id.clone(),
             function: self.function.clone(),
@@ -254,6 +275,7 @@ impl Call {
             outcome,
             log: std::mem::take(&mut self.log),
             coredump: self.coredump.take(),
+            span: self.span.clone(),
         });
     }
 }

@@ -256,3 +256,67 @@ impl ColdStartObserver for PoolMetrics {
             .observe((cold.load_time + cold.prepare_time).as_secs_f64());
     }
 }
+
+/// Content type of OpenMetrics text.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format 0.0.4.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders the registry: OpenMetrics text when the scraper accepts it (as
+/// Prometheus does), otherwise the Prometheus 0.0.4 text format that older
+/// tools (curl, `promtool check metrics`) read. Returns the text and its
+/// content type.
+pub fn render(registry: &Registry, accept: &str) -> Result<(String, &'static str), std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    if accept.contains("application/openmetrics-text") {
+        return Ok((text, OPENMETRICS_CONTENT_TYPE));
+    }
+    Ok((openmetrics_to_prometheus(&text), PROMETHEUS_CONTENT_TYPE))
+}
+
+/// OpenMetrics → Prometheus 0.0.4 text: counters' `HELP`/`TYPE` lines take
+/// the `_total` name their samples carry, and `UNIT`/`EOF` lines go.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_metadata_like_its_samples() {
+        let openmetrics = "# HELP a_calls Calls.\n# TYPE a_calls counter\na_calls_total 2\n\
+                           # HELP d Time.\n# TYPE d histogram\n# UNIT d seconds\nd_count 1\n# EOF\n";
+        let text = openmetrics_to_prometheus(openmetrics);
+        assert_eq!(
+            text,
+            "# HELP a_calls_total Calls.\n# TYPE a_calls_total counter\na_calls_total 2\n\
+             # HELP d Time.\n# TYPE d histogram\nd_count 1\n"
+        );
+    }
+}

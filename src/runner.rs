@@ -529,8 +529,9 @@ impl LocalRunner {
             call.created + timeout,
             move |report| runner.finished(report),
         );
+        let span = record.span().clone();
         if call.options.detached {
-            tokio::spawn(async move {
+            let execution = async move {
                 // Detached: nobody reads the response, so drain it here for
                 // the guest to finish; the outcome is in the call's report.
                 if let Ok(response) = slot.execute(admission, call.request, record).await {
@@ -538,14 +539,16 @@ impl LocalRunner {
                     let mut body = response.body;
                     while let Some(Ok(_)) = body.frame().await {}
                 }
-            });
+            };
+            tokio::spawn(tracing::Instrument::instrument(execution, span));
             return TryExec::Committed(Committed {
                 call_id,
                 slot_hash,
                 result: Ok(Answer::Accepted),
             });
         }
-        let result = match slot.execute(admission, call.request, record).await {
+        let execution = slot.execute(admission, call.request, record);
+        let result = match tracing::Instrument::instrument(execution, span).await {
             Ok(response) => {
                 let execution_time = response.user_time;
                 Ok(Answer::Response {
@@ -1046,19 +1049,10 @@ impl StatusCache {
     }
 }
 
+/// Logs a finished call inside its span: the guest's log lines (bounded),
+/// then one line with the outcome and timings.
 fn log_report(report: &CallReport) {
-    let outcome = match &report.outcome {
-        Ok(status) => status.as_u16().to_string(),
-        Err(error) => error.kind().code().to_owned(),
-    };
-    let span = tracing::info_span!(
-        "call",
-        call_id = %report.id,
-        function = %report.function,
-        slot = report.slot_hash.short(),
-        outcome = %outcome,
-    );
-    let _entered = span.enter();
+    let _entered = report.span.enter();
     if !report.log.0.is_empty() {
         for line in String::from_utf8_lossy(&report.log.0)
             .lines()
@@ -1070,14 +1064,14 @@ fn log_report(report: &CallReport) {
     if report.log.1 > 0 {
         tracing::info!(target: "fnrunner::guest", dropped_bytes = report.log.1, "guest output truncated");
     }
+    let total_us = report.total.as_micros() as u64;
+    let user_us = report.user_execution_time.as_micros() as u64;
     match &report.outcome {
-        Ok(_) => tracing::info!(
-            total_us = report.total.as_micros() as u64,
-            user_us = report.user_execution_time.as_micros() as u64,
-            "call completed"
-        ),
-        Err(CallError::Canceled) => tracing::info!(status = 444, "call canceled: the client went away"),
-        Err(error) => tracing::warn!(%error, total_us = report.total.as_micros() as u64, "call failed"),
+        Ok(status) => tracing::info!(status = status.as_u16(), total_us, user_us, "call completed"),
+        Err(CallError::Canceled) => {
+            tracing::info!(status = 444, total_us, "call canceled: the client went away")
+        }
+        Err(error) => tracing::warn!(%error, total_us, user_us, "call failed"),
     }
 }
 

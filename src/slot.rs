@@ -398,48 +398,52 @@ impl Slot {
         let slot = self.clone();
         let too_large = body_too_large.clone();
         PoolStats::add(&self.stats.busy);
-        let task = tokio::spawn(async move {
-            let _concurrency = concurrency;
-            let outcome = instance
-                .handle(
-                    &slot.engine,
-                    &slot.def.settings,
-                    &env,
-                    request,
-                    responder,
-                    slot.limits,
-                )
-                .await;
-            PoolStats::sub(&slot.stats.busy);
-            call.started(outcome.started_at);
-            call.add_user_execution_time(outcome.user_execution_time);
-            call.set_artifacts(outcome.log, outcome.coredump);
-            let result = if too_large.load(Ordering::Relaxed) {
-                Err(CallError::BodyTooLarge {
-                    limit: slot.limits.max_request_bytes,
-                })
-            } else {
-                outcome
-                    .result
-                    .map(|()| outcome.status.unwrap_or(http::StatusCode::OK))
-            };
-            let fault = result.as_ref().err().map(CallError::kind);
-            slot.record_fault(fault);
-            let end = CallEnd {
-                fault: if outcome.healthy {
-                    fault
+        let span = call.span().clone();
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _concurrency = concurrency;
+                let outcome = instance
+                    .handle(
+                        &slot.engine,
+                        &slot.def.settings,
+                        &env,
+                        request,
+                        responder,
+                        slot.limits,
+                    )
+                    .await;
+                PoolStats::sub(&slot.stats.busy);
+                call.started(outcome.started_at);
+                call.add_user_execution_time(outcome.user_execution_time);
+                call.set_artifacts(outcome.log, outcome.coredump);
+                let result = if too_large.load(Ordering::Relaxed) {
+                    Err(CallError::BodyTooLarge {
+                        limit: slot.limits.max_request_bytes,
+                    })
                 } else {
-                    fault.or(Some(crate::guest::FaultKind::MemoryLimit))
-                },
-                calls_served: instance.calls(),
-                memory_bytes: instance.memory_used() as u64,
-                guest_asked: outcome.retire_requested,
-            };
-            slot.after_call(instance, permit, end);
-            PoolStats::add(&slot.stats.processed);
-            slot.touch();
-            call.complete(result);
-        });
+                    outcome
+                        .result
+                        .map(|()| outcome.status.unwrap_or(http::StatusCode::OK))
+                };
+                let fault = result.as_ref().err().map(CallError::kind);
+                slot.record_fault(fault);
+                let end = CallEnd {
+                    fault: if outcome.healthy {
+                        fault
+                    } else {
+                        fault.or(Some(crate::guest::FaultKind::MemoryLimit))
+                    },
+                    calls_served: instance.calls(),
+                    memory_bytes: instance.memory_used() as u64,
+                    guest_asked: outcome.retire_requested,
+                };
+                slot.after_call(instance, permit, end);
+                PoolStats::add(&slot.stats.processed);
+                slot.touch();
+                call.complete(result);
+            },
+            span,
+        ));
         // NB: until the response head arrives, dropping this future (the
         // client went away) aborts the guest's task; the call then reports
         // itself canceled. Once the head is out, the guest runs to the end
@@ -752,6 +756,7 @@ fn missing_report(def: &FunctionDef) -> crate::call::CallReport {
         outcome: Err(CallError::internal(&def.name, "reporting the call", "no report")),
         log: (Bytes::new(), 0),
         coredump: None,
+        span: tracing::Span::none(),
     }
 }
 

@@ -247,7 +247,15 @@ impl App {
             }),
             "/v1/status" if method == Method::GET => json(StatusCode::OK, &self.runner.runner_status().await),
             "/v1/status" => method_not_allowed(),
-            "/metrics" if self.plane.serves_control() => only_get(&method, || self.metrics()),
+            "/metrics" if self.plane.serves_control() => {
+                let accept = request
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                only_get(&method, || self.metrics(&accept))
+            }
             p if self.plane.serves_control() && (p == "/v1/functions" || p.starts_with("/v1/functions/")) => {
                 api::handle(&self, request).await
             }
@@ -407,23 +415,25 @@ impl App {
         })
     }
 
-    fn metrics(&self) -> Response<GuestBody> {
-        let mut text = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-                None,
-            );
+    fn metrics(&self, accept: &str) -> Response<GuestBody> {
+        match crate::metrics::render(&self.registry, accept) {
+            Ok((text, content_type)) => {
+                let mut response = Response::new(full_body(text));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                response
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot encode metrics");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                    None,
+                )
+            }
         }
-        let mut response = Response::new(full_body(text));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        response
     }
 }
 
