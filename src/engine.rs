@@ -20,6 +20,8 @@ pub const DEFAULT_TOTAL_INSTANCES: u32 = 1000;
 /// Core instances a single component may create (a componentize-py guest
 /// uses about a dozen, the preview1 adapter adds a few).
 pub const DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 50;
+/// Core instances (and tables) pooled per instance slot.
+const CORE_INSTANCES_PER_INSTANCE: u32 = 8;
 /// Linear memories and tables per component (adapter-built components have
 /// two or three of each).
 pub const DEFAULT_MAX_MEMORIES_PER_COMPONENT: u32 = 10;
@@ -155,11 +157,17 @@ impl Engine {
 fn wasmtime_config(config: &EngineConfig) -> Config {
     let max_memory_bytes = (config.max_memory_mb * MIB) as usize;
     let mut pooling = PoolingAllocationConfig::new();
+    // NB: a component is several core instances (its modules plus the
+    // shim and fixup modules wit-component adds) with a table or more each,
+    // so those pools are sized per component; they cost little until used.
+    // Memories reserve address space, so they get 2 per instance (enough
+    // for adapter-built components; a rarer guest that needs more finds
+    // the pool full and is NACKed).
     pooling
         .total_component_instances(config.total_instances)
-        .total_core_instances(config.total_instances.saturating_mul(2))
+        .total_core_instances(config.total_instances.saturating_mul(CORE_INSTANCES_PER_INSTANCE))
         .total_memories(config.total_instances.saturating_mul(2))
-        .total_tables(config.total_instances.saturating_mul(2))
+        .total_tables(config.total_instances.saturating_mul(CORE_INSTANCES_PER_INSTANCE))
         .total_stacks(config.total_instances)
         .max_core_instances_per_component(DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT)
         .max_memories_per_component(DEFAULT_MAX_MEMORIES_PER_COMPONENT)
