@@ -105,7 +105,7 @@ fn phases(c: &mut Criterion) {
             engine.clone(),
             &store,
             def.clone(),
-            CallLimits::default(),
+            fnrunner::slot::SlotConfig::default(),
             Arc::new(NoObserver),
         )
         .expect("slot");

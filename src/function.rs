@@ -68,6 +68,27 @@ pub struct PoolSettings {
     /// An instance whose linear memory has grown past this many MiB is
     /// retired after its call; `None` never retires for size.
     pub memory_high_water_mb: Option<u64>,
+    /// Supervision overrides; `None` takes the node's default.
+    pub escalation: Option<crate::pool::EscalationPolicy>,
+    pub escalate_after: Option<u32>,
+    pub escalate_window_ms: Option<u64>,
+    pub quarantine_backoff_ms: Option<u64>,
+    pub quarantine_max_backoff_ms: Option<u64>,
+}
+
+impl PoolSettings {
+    /// This function's supervision: its own settings over the node's.
+    pub fn supervision(&self, node: &crate::pool::Supervision) -> crate::pool::Supervision {
+        let ms = |v: Option<u64>, default: Duration| v.map(Duration::from_millis).unwrap_or(default);
+        let backoff = ms(self.quarantine_backoff_ms, node.backoff);
+        crate::pool::Supervision {
+            policy: self.escalation.unwrap_or(node.policy),
+            escalate_after: self.escalate_after.unwrap_or(node.escalate_after),
+            window: ms(self.escalate_window_ms, node.window),
+            backoff,
+            max_backoff: ms(self.quarantine_max_backoff_ms, node.max_backoff).max(backoff),
+        }
+    }
 }
 
 impl Default for PoolSettings {
@@ -78,6 +99,11 @@ impl Default for PoolSettings {
             max_concurrency: None,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             memory_high_water_mb: None,
+            escalation: None,
+            escalate_after: None,
+            escalate_window_ms: None,
+            quarantine_backoff_ms: None,
+            quarantine_max_backoff_ms: None,
         }
     }
 }
@@ -152,6 +178,19 @@ impl Settings {
         out.push_str(&format!("idle_timeout_ms = {}\n", self.pool.idle_timeout_ms));
         if let Some(mark) = self.pool.memory_high_water_mb {
             out.push_str(&format!("memory_high_water_mb = {mark}\n"));
+        }
+        if let Some(policy) = self.pool.escalation {
+            out.push_str(&format!("escalation = {}\n", toml_str(policy.as_str())));
+        }
+        for (key, value) in [
+            ("escalate_after", self.pool.escalate_after.map(u64::from)),
+            ("escalate_window_ms", self.pool.escalate_window_ms),
+            ("quarantine_backoff_ms", self.pool.quarantine_backoff_ms),
+            ("quarantine_max_backoff_ms", self.pool.quarantine_max_backoff_ms),
+        ] {
+            if let Some(value) = value {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
         }
         let hosts: Vec<String> = self
             .allowed_outbound_hosts
@@ -579,6 +618,11 @@ struct SettingsFile {
     max_concurrency: Option<u32>,
     idle_timeout_ms: Option<u64>,
     memory_high_water_mb: Option<u64>,
+    escalation: Option<String>,
+    escalate_after: Option<u32>,
+    escalate_window_ms: Option<u64>,
+    quarantine_backoff_ms: Option<u64>,
+    quarantine_max_backoff_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,6 +732,50 @@ impl SettingsFile {
             },
             memory_high_water_mb: match self.memory_high_water_mb {
                 Some(v) => Some(check_range(origin, "memory_high_water_mb", v, 1, memory_mb)?),
+                None => None,
+            },
+            escalation: match self.escalation.as_deref() {
+                None => None,
+                Some(name) => Some(crate::pool::EscalationPolicy::parse(name).ok_or_else(|| {
+                    SettingsError::new(
+                        origin,
+                        Some("escalation"),
+                        format!("must be `restart_one` or `restart_all`, got `{name}`"),
+                    )
+                })?),
+            },
+            escalate_after: match self.escalate_after {
+                Some(v) => Some(check_range(origin, "escalate_after", v, 0, 1_000_000)?),
+                None => None,
+            },
+            escalate_window_ms: match self.escalate_window_ms {
+                Some(v) => Some(check_range(
+                    origin,
+                    "escalate_window_ms",
+                    v,
+                    1,
+                    MAX_IDLE_TIMEOUT_MS,
+                )?),
+                None => None,
+            },
+            quarantine_backoff_ms: match self.quarantine_backoff_ms {
+                Some(v) => Some(check_range(
+                    origin,
+                    "quarantine_backoff_ms",
+                    v,
+                    1,
+                    MAX_IDLE_TIMEOUT_MS,
+                )?),
+                None => None,
+            },
+            quarantine_max_backoff_ms: match self.quarantine_max_backoff_ms {
+                Some(v) => Some(check_range(
+                    origin,
+                    "quarantine_max_backoff_ms",
+                    v,
+                    1,
+                    MAX_IDLE_TIMEOUT_MS,
+                )?),
                 None => None,
             },
         };
@@ -897,6 +985,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "memory_mb = 32\ntimeout_ms = 500\nmax_jobs = 4\nmax_concurrency = 2\n\
+             escalation = \"restart_all\"\nescalate_after = 3\nquarantine_backoff_ms = 250\n\
              allowed_outbound_hosts = [\"https://api.example:443\", \"*.svc\"]\n\
              [[preopen]]\nhost = {:?}\nguest = \"/data\"\n[env]\nK = \"v w\"\n",
             tmp.path().display().to_string()

@@ -56,6 +56,7 @@ enum RetiredReason {
     error,
     guest_asked,
     reset,
+    escalation,
 }
 
 impl From<RetireReason> for RetiredReason {
@@ -70,6 +71,7 @@ impl From<RetireReason> for RetiredReason {
             RetireReason::Error => RetiredReason::error,
             RetireReason::GuestAsked => RetiredReason::guest_asked,
             RetireReason::Reset => RetiredReason::reset,
+            RetireReason::Escalation => RetiredReason::escalation,
         }
     }
 }
@@ -106,9 +108,16 @@ enum SourceLabel {
     memory,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    function: String,
+    event: &'static str,
+}
+
 /// The pool and cold-start families.
 #[derive(Clone)]
 pub struct PoolMetrics {
+    events: Family<EventLabels, Counter>,
     created: Family<CreatedLabels, Counter>,
     reused: Family<FunctionLabels, Counter>,
     retired: Family<RetiredLabels, Counter>,
@@ -122,6 +131,7 @@ pub struct PoolMetrics {
 impl PoolMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
+            events: Family::default(),
             created: Family::default(),
             reused: Family::default(),
             retired: Family::default(),
@@ -131,6 +141,11 @@ impl PoolMetrics {
             instantiate_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             compile_duration: Histogram::new(latency_buckets()),
         };
+        registry.register(
+            "fnrunner_pool_events",
+            "Every pool event by function: created, reused, retired, killed, fault, escalation, quarantine, probe, probe_failed, lift, reset",
+            metrics.events.clone(),
+        );
         registry.register(
             "fnrunner_instances_created",
             "Instances made, on a call's path or ahead of demand",
@@ -191,6 +206,12 @@ fn function(name: &str) -> FunctionLabels {
 
 impl PoolObserver for PoolMetrics {
     fn on_event(&self, name: &str, event: &PoolEvent) {
+        self.events
+            .get_or_create(&EventLabels {
+                function: name.to_owned(),
+                event: event.name(),
+            })
+            .inc();
         match event {
             PoolEvent::Created { prewarmed, duration } => {
                 let when = if *prewarmed {
@@ -233,6 +254,12 @@ impl PoolObserver for PoolMetrics {
                     })
                     .inc();
             }
+            PoolEvent::Escalated { .. }
+            | PoolEvent::Quarantined { .. }
+            | PoolEvent::Probe
+            | PoolEvent::ProbeFailed { .. }
+            | PoolEvent::Lifted
+            | PoolEvent::Reset => {}
         }
     }
 }

@@ -43,10 +43,12 @@ pub enum RetireReason {
     GuestAsked,
     /// The pool was reset or the slot closed.
     Reset,
+    /// A fault escalated (`restart_all`, or a quarantine).
+    Escalation,
 }
 
 impl RetireReason {
-    pub const ALL: [RetireReason; 9] = [
+    pub const ALL: [RetireReason; 10] = [
         RetireReason::Trap,
         RetireReason::Timeout,
         RetireReason::MemoryLimit,
@@ -56,6 +58,7 @@ impl RetireReason {
         RetireReason::Error,
         RetireReason::GuestAsked,
         RetireReason::Reset,
+        RetireReason::Escalation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl RetireReason {
             RetireReason::Error => "error",
             RetireReason::GuestAsked => "guest_asked",
             RetireReason::Reset => "reset",
+            RetireReason::Escalation => "escalation",
         }
     }
 
@@ -175,6 +179,192 @@ pub fn should_reap(
     ready > min_warm as usize && now.saturating_duration_since(since) >= idle_timeout
 }
 
+/// What a guest fault does to the rest of the slot's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationPolicy {
+    /// Only the faulty instance goes (the default).
+    RestartOne,
+    /// Every idle instance of the slot goes too, for functions whose
+    /// instances share a poisoned input or cache.
+    RestartAll,
+}
+
+impl EscalationPolicy {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "restart_one" => Some(Self::RestartOne),
+            "restart_all" => Some(Self::RestartAll),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RestartOne => "restart_one",
+            Self::RestartAll => "restart_all",
+        }
+    }
+}
+
+/// Supervision of one slot (sabuhp's escalation protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Supervision {
+    pub policy: EscalationPolicy,
+    /// Consecutive guest faults (traps, timeouts, memory-limit hits) within
+    /// `window` that quarantine the function; 0 never quarantines.
+    pub escalate_after: u32,
+    pub window: Duration,
+    /// First quarantine back-off; doubled after each failed probe.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Node-wide supervision defaults (each overridable per function).
+pub const DEFAULT_ESCALATE_AFTER: u32 = 5;
+pub const DEFAULT_ESCALATE_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_QUARANTINE_BACKOFF: Duration = Duration::from_secs(1);
+pub const DEFAULT_QUARANTINE_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Self {
+            policy: EscalationPolicy::RestartOne,
+            escalate_after: DEFAULT_ESCALATE_AFTER,
+            window: DEFAULT_ESCALATE_WINDOW,
+            backoff: DEFAULT_QUARANTINE_BACKOFF,
+            max_backoff: DEFAULT_QUARANTINE_MAX_BACKOFF,
+        }
+    }
+}
+
+/// Whether a call may run on a supervised slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Healthy: run it.
+    Admit,
+    /// Quarantined and the back-off is over: run it as the one probe.
+    Probe,
+    /// Quarantined: refuse it at once (NACK), retry after this long.
+    Refuse { retry_after: Duration },
+}
+
+/// A change of a slot's health, for the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Escalated: the function is quarantined for `backoff`.
+    Quarantined { backoff: Duration },
+    /// The probe failed: quarantined again for the doubled `backoff`.
+    ProbeFailed { backoff: Duration },
+    /// The probe succeeded: calls run again.
+    Lifted,
+}
+
+/// The escalation state machine of one slot. Pure: it is told the time.
+#[derive(Debug, Clone, Default)]
+pub struct Supervisor {
+    streak: u32,
+    streak_started: Option<Instant>,
+    quarantine: Option<Quarantine>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Quarantine {
+    until: Instant,
+    backoff: Duration,
+    probing: bool,
+}
+
+impl Supervisor {
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantine.is_some()
+    }
+
+    /// Admission: admit, let one probe through, or refuse.
+    pub fn gate(&mut self, now: Instant) -> Gate {
+        match &mut self.quarantine {
+            None => Gate::Admit,
+            Some(q) if !q.probing && now >= q.until => {
+                q.probing = true;
+                Gate::Probe
+            }
+            Some(q) => Gate::Refuse {
+                retry_after: q
+                    .until
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            },
+        }
+    }
+
+    /// A call's result. `fault` is a guest fault that counts toward
+    /// escalation (trap, timeout, memory limit); `probe` says whether the
+    /// call was the quarantine's probe.
+    pub fn record(
+        &mut self,
+        fault: bool,
+        probe: bool,
+        now: Instant,
+        config: &Supervision,
+    ) -> Option<Transition> {
+        if let Some(q) = self.quarantine {
+            if !probe {
+                // A call admitted before the quarantine began: not evidence.
+                return None;
+            }
+            if fault {
+                let backoff = (q.backoff * 2).min(config.max_backoff);
+                self.quarantine = Some(Quarantine {
+                    until: now + backoff,
+                    backoff,
+                    probing: false,
+                });
+                return Some(Transition::ProbeFailed { backoff });
+            }
+            self.quarantine = None;
+            self.streak = 0;
+            self.streak_started = None;
+            return Some(Transition::Lifted);
+        }
+        if !fault {
+            self.streak = 0;
+            self.streak_started = None;
+            return None;
+        }
+        match self.streak_started {
+            Some(started) if now.saturating_duration_since(started) <= config.window => self.streak += 1,
+            _ => {
+                self.streak = 1;
+                self.streak_started = Some(now);
+            }
+        }
+        if config.escalate_after > 0 && self.streak >= config.escalate_after {
+            self.quarantine = Some(Quarantine {
+                until: now + config.backoff,
+                backoff: config.backoff,
+                probing: false,
+            });
+            return Some(Transition::Quarantined {
+                backoff: config.backoff,
+            });
+        }
+        None
+    }
+
+    /// A probe ended without a verdict: the next call after the back-off
+    /// probes instead.
+    pub fn cancel_probe(&mut self) {
+        if let Some(q) = &mut self.quarantine {
+            q.probing = false;
+        }
+    }
+
+    /// Time until the next probe, while quarantined.
+    pub fn quarantined_for(&self, now: Instant) -> Option<Duration> {
+        self.quarantine.map(|q| q.until.saturating_duration_since(now))
+    }
+}
+
 /// Counters of one slot (sabuhp's WorkerStat where it applies).
 #[derive(Debug, Default)]
 pub struct PoolStats {
@@ -196,6 +386,10 @@ pub struct PoolStats {
     /// guest asked, reset).
     pub retired: AtomicU64,
     pub busy: AtomicU64,
+    /// Times the function was quarantined (sabuhp's TotalEscalations).
+    pub escalations: AtomicU64,
+    /// Calls refused while quarantined.
+    pub quarantine_refusals: AtomicU64,
 }
 
 impl PoolStats {
@@ -234,6 +428,13 @@ pub struct PoolStatsSnapshot {
     /// Calls that could start now without waiting: ready instances plus
     /// room under `max_concurrency` (or `null` when unbounded).
     pub available: Option<u64>,
+    pub escalations: u64,
+    pub quarantine_refusals: u64,
+    /// Whether the function is quarantined here now.
+    pub quarantined: bool,
+    /// Milliseconds until the next probe, while quarantined.
+    pub quarantined_for_ms: Option<u64>,
+    pub escalation_policy: EscalationPolicy,
 }
 
 /// One event in the life of a slot's pool; emitted to tracing and counted
@@ -248,6 +449,37 @@ pub enum PoolEvent {
     Retired { reason: RetireReason },
     /// A call failed because of the guest.
     Fault { kind: FaultKind },
+    /// `restart_all`: idle instances were retired after a fault.
+    Escalated { retired: usize },
+    /// The function was quarantined.
+    Quarantined { backoff: Duration },
+    /// A probe call was let through a quarantine.
+    Probe,
+    /// The probe failed; the quarantine goes on.
+    ProbeFailed { backoff: Duration },
+    /// The quarantine was lifted.
+    Lifted,
+    /// The pool was reset (or reconfigured) by an operator.
+    Reset,
+}
+
+impl PoolEvent {
+    /// The event's name, as the `event` metric label and in the log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PoolEvent::Created { .. } => "created",
+            PoolEvent::Reused => "reused",
+            PoolEvent::Retired { reason } if reason.is_fault() => "killed",
+            PoolEvent::Retired { .. } => "retired",
+            PoolEvent::Fault { .. } => "fault",
+            PoolEvent::Escalated { .. } => "escalation",
+            PoolEvent::Quarantined { .. } => "quarantine",
+            PoolEvent::Probe => "probe",
+            PoolEvent::ProbeFailed { .. } => "probe_failed",
+            PoolEvent::Lifted => "lift",
+            PoolEvent::Reset => "reset",
+        }
+    }
 }
 
 /// Receives pool events (the metrics module implements it).
@@ -344,6 +576,101 @@ mod tests {
         assert_eq!(prewarm_deficit(1, 5, 2, None), 1);
         assert_eq!(prewarm_deficit(2, 0, 2, None), 0);
         assert_eq!(prewarm_deficit(0, 2, 2, Some(3)), 1);
+    }
+
+    fn supervision(escalate_after: u32) -> Supervision {
+        Supervision {
+            escalate_after,
+            window: Duration::from_secs(10),
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            ..Supervision::default()
+        }
+    }
+
+    #[test]
+    fn consecutive_faults_quarantine_and_a_success_resets_the_streak() {
+        let config = supervision(3);
+        let t0 = Instant::now();
+        let mut s = Supervisor::default();
+        assert_eq!(s.record(true, false, t0, &config), None);
+        assert_eq!(s.record(true, false, t0, &config), None);
+        assert_eq!(
+            s.record(false, false, t0, &config),
+            None,
+            "a success resets the streak"
+        );
+        assert_eq!(s.record(true, false, t0, &config), None);
+        assert_eq!(s.record(true, false, t0, &config), None);
+        assert_eq!(
+            s.record(true, false, t0, &config),
+            Some(Transition::Quarantined {
+                backoff: Duration::from_millis(100)
+            })
+        );
+        assert!(matches!(s.gate(t0), Gate::Refuse { .. }));
+    }
+
+    #[test]
+    fn faults_outside_the_window_start_a_new_streak() {
+        let config = supervision(2);
+        let t0 = Instant::now();
+        let mut s = Supervisor::default();
+        assert_eq!(s.record(true, false, t0, &config), None);
+        assert_eq!(s.record(true, false, t0 + Duration::from_secs(11), &config), None);
+        assert!(
+            s.record(true, false, t0 + Duration::from_secs(12), &config)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn one_probe_after_the_backoff_lifts_or_doubles_up_to_the_cap() {
+        let config = supervision(1);
+        let t0 = Instant::now();
+        let mut s = Supervisor::default();
+        assert!(s.record(true, false, t0, &config).is_some());
+        assert!(matches!(
+            s.gate(t0 + Duration::from_millis(50)),
+            Gate::Refuse { .. }
+        ));
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(s.gate(t1), Gate::Probe);
+        assert!(matches!(s.gate(t1), Gate::Refuse { .. }), "one probe at a time");
+        assert_eq!(
+            s.record(false, false, t1, &config),
+            None,
+            "non-probe results are ignored"
+        );
+        assert_eq!(
+            s.record(true, true, t1, &config),
+            Some(Transition::ProbeFailed {
+                backoff: Duration::from_millis(200)
+            })
+        );
+        let t2 = t1 + Duration::from_millis(200);
+        assert_eq!(s.gate(t2), Gate::Probe);
+        assert_eq!(
+            s.record(true, true, t2, &config),
+            Some(Transition::ProbeFailed {
+                backoff: Duration::from_millis(300)
+            }),
+            "capped"
+        );
+        let t3 = t2 + Duration::from_millis(300);
+        assert_eq!(s.gate(t3), Gate::Probe);
+        assert_eq!(s.record(false, true, t3, &config), Some(Transition::Lifted));
+        assert_eq!(s.gate(t3), Gate::Admit);
+    }
+
+    #[test]
+    fn escalate_after_zero_never_quarantines() {
+        let config = supervision(0);
+        let mut s = Supervisor::default();
+        for _ in 0..100 {
+            assert_eq!(s.record(true, false, Instant::now(), &config), None);
+        }
+        assert!(!s.is_quarantined());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::function::{FunctionDef, Settings, SlotHashId};
 use crate::guest::{CallError, CallLimits, GuestRequest, GuestResponse, full_body};
 use crate::module_store::ModuleStore;
 use crate::pool::{PoolObserver, PoolStatsSnapshot};
-use crate::slot::{Refusal, Slot, SlotError};
+use crate::slot::{Refusal, Slot, SlotConfig, SlotError};
 
 /// How long admission waits for capacity before a NACK (roadrunner's
 /// AllocateTimeout). Small: an LB retrying another node beats a queue.
@@ -74,9 +74,14 @@ pub enum TryExec {
     /// Not taken; try another runner.
     Nack {
         reason: NackReason,
+        /// How long the caller should wait before retrying here.
+        retry_after: Duration,
         call: Box<RunnerCall>,
     },
 }
+
+/// `retry-after` of a NACK unless it says otherwise.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NackReason {
@@ -84,6 +89,8 @@ pub enum NackReason {
     Busy,
     /// The node is draining.
     Draining,
+    /// The function is quarantined on this node after repeated faults.
+    Quarantined,
 }
 
 impl NackReason {
@@ -91,6 +98,7 @@ impl NackReason {
         match self {
             NackReason::Busy => "busy",
             NackReason::Draining => "draining",
+            NackReason::Quarantined => "quarantined",
         }
     }
 }
@@ -170,6 +178,8 @@ pub struct RunnerConfig {
     pub memory_budget_mb: u64,
     pub limits: CallLimits,
     pub status_ttl: Duration,
+    /// Supervision defaults for every function (settings override them).
+    pub supervision: crate::pool::Supervision,
 }
 
 impl Default for RunnerConfig {
@@ -180,6 +190,7 @@ impl Default for RunnerConfig {
             memory_budget_mb: crate::capacity::DEFAULT_MEMORY_BUDGET_MB,
             limits: CallLimits::default(),
             status_ttl: DEFAULT_STATUS_TTL,
+            supervision: crate::pool::Supervision::default(),
         }
     }
 }
@@ -232,6 +243,7 @@ struct NackLabels {
 enum NackLabel {
     busy,
     draining,
+    quarantined,
 }
 
 /// Latency buckets from 10 µs to about 40 s.
@@ -300,6 +312,7 @@ impl CallMetrics {
         let label = match reason {
             NackReason::Busy => NackLabel::busy,
             NackReason::Draining => NackLabel::draining,
+            NackReason::Quarantined => NackLabel::quarantined,
         };
         self.nacked.get_or_create(&NackLabels { reason: label }).inc();
         // A NACK is a call that spent all its time in the scheduler.
@@ -453,7 +466,7 @@ impl LocalRunner {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         self.metrics.received.inc();
         if self.is_draining() {
-            return self.nack(NackReason::Draining, call);
+            return self.nack(NackReason::Draining, DEFAULT_RETRY_AFTER, call);
         }
         let call_id = call.options.call_id.clone().unwrap_or_default();
         let Some(def) = self.function(&call.function) else {
@@ -489,17 +502,14 @@ impl LocalRunner {
                     Some(def) => match self.slot(&def).await {
                         Ok(slot) => match self.admit(&slot, call.created).await {
                             Ok(admission) => return self.commit(slot, admission, call, call_id).await,
-                            Err(_) => return self.nack(NackReason::Busy, call),
+                            Err(refusal) => return self.refuse(refusal, call),
                         },
-                        Err(_) => return self.nack(NackReason::Busy, call),
+                        Err(_) => return self.nack(NackReason::Busy, DEFAULT_RETRY_AFTER, call),
                     },
-                    None => return self.nack(NackReason::Busy, call),
+                    None => return self.nack(NackReason::Busy, DEFAULT_RETRY_AFTER, call),
                 }
             }
-            Err(refusal) => {
-                tracing::debug!(function = %call.function, reason = refusal.describe(), "NACK");
-                return self.nack(NackReason::Busy, call);
-            }
+            Err(refusal) => return self.refuse(refusal, call),
         };
         self.commit(slot, admission, call, call_id).await
     }
@@ -571,10 +581,19 @@ impl LocalRunner {
         self.metrics.handled.inc();
     }
 
-    fn nack(&self, reason: NackReason, call: RunnerCall) -> TryExec {
+    fn refuse(&self, refusal: Refusal, call: RunnerCall) -> TryExec {
+        tracing::debug!(function = %call.function, reason = refusal.describe(), "NACK");
+        match refusal {
+            Refusal::Quarantined { retry_after } => self.nack(NackReason::Quarantined, retry_after, call),
+            _ => self.nack(NackReason::Busy, DEFAULT_RETRY_AFTER, call),
+        }
+    }
+
+    fn nack(&self, reason: NackReason, retry_after: Duration, call: RunnerCall) -> TryExec {
         self.metrics.nack(reason, call.created.elapsed());
         TryExec::Nack {
             reason,
+            retry_after,
             call: Box::new(call),
         }
     }
@@ -632,16 +651,19 @@ impl LocalRunner {
             .clone();
         let slot = cell
             .get_or_try_init(|| async {
-                let (engine, store, def, limits, observer) = (
+                let (engine, store, def, observer) = (
                     self.engine.clone(),
                     self.store.clone(),
                     def.clone(),
-                    self.config.limits,
                     self.observer.clone(),
                 );
+                let config = SlotConfig {
+                    limits: self.config.limits,
+                    supervision: self.config.supervision,
+                };
                 let name = def.name.clone();
                 let slot =
-                    tokio::task::spawn_blocking(move || Slot::create(engine, &store, def, limits, observer))
+                    tokio::task::spawn_blocking(move || Slot::create(engine, &store, def, config, observer))
                         .await
                         .unwrap_or_else(|join| {
                             Err(SlotError::Load {
@@ -784,6 +806,10 @@ impl LocalRunner {
             .slot(&def)
             .await
             .map_err(|error| DeployError::Invalid(error.to_string()))?;
+        // NB: same SlotHashId (same bytes and instance-shaping settings):
+        // the existing slot, its warm instances and its supervision state
+        // stay; only the pool settings change, in place.
+        slot.reconfigure(def.settings.pool.clone());
         if let Some(dir) = &self.dir {
             let (dir, name, bytes, text) = (
                 dir.clone(),
@@ -807,6 +833,22 @@ impl LocalRunner {
             slot.prewarm(&self.capacity).await;
         }
         Ok(DeployOutcome { def, replaced })
+    }
+
+    /// roadrunner's Reset for one function's pool: idle instances go,
+    /// in-flight calls finish on theirs, `min_warm` is rebuilt. Returns the
+    /// number of instances retired, or `None` for an unknown function.
+    pub async fn reset(&self, name: &str) -> Option<usize> {
+        let def = self.function(name)?;
+        let slot = match self.existing_slot(name) {
+            Some(slot) => slot,
+            None => return Some(0),
+        };
+        let retired = slot.reset();
+        if def.settings.pool.min_warm > 0 {
+            slot.prewarm(&self.capacity).await;
+        }
+        Some(retired)
     }
 
     /// Removes a function (and its files).

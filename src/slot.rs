@@ -24,7 +24,8 @@ use crate::guest::http::{HttpInstance, HttpPre, Responder};
 use crate::guest::{CallEnv, CallError, CallLimits, GuestRequest, GuestResponse, collect_body, full_body};
 use crate::module_store::{Compiled, LoadSource, ModuleStore, StoreError};
 use crate::pool::{
-    self, AfterCall, CallEnd, PoolEvent, PoolObserver, PoolStats, PoolStatsSnapshot, RetireReason,
+    self, AfterCall, CallEnd, EscalationPolicy, Gate, PoolEvent, PoolObserver, PoolStats, PoolStatsSnapshot,
+    RetireReason, Supervision, Supervisor, Transition,
 };
 
 /// How a slot came to be: where its compiled module came from and what
@@ -71,6 +72,8 @@ pub enum Refusal {
     Capacity(Shortage),
     /// The slot was replaced or removed.
     Closed,
+    /// The function is quarantined here; retry after this long.
+    Quarantined { retry_after: Duration },
 }
 
 impl Refusal {
@@ -79,6 +82,7 @@ impl Refusal {
             Refusal::Concurrency => "the function is at its max_concurrency",
             Refusal::Capacity(shortage) => shortage.describe(),
             Refusal::Closed => "the function was redeployed or removed",
+            Refusal::Quarantined { .. } => "the function is quarantined after repeated faults",
         }
     }
 }
@@ -92,6 +96,8 @@ struct ReadyInstance {
     instance: HttpInstance,
     permit: InstancePermit,
     since: Instant,
+    /// The pool generation it was made in (see `reset`).
+    generation: u64,
 }
 
 enum Lease {
@@ -104,6 +110,53 @@ enum Lease {
 pub struct Admission {
     lease: Lease,
     _concurrency: Option<OwnedSemaphorePermit>,
+    probe: Option<ProbeGuard>,
+}
+
+/// The quarantine's one probe call. If the call never reports a verdict
+/// (it could not get capacity, or was dropped), the probe is given back so
+/// a later call can probe.
+struct ProbeGuard {
+    supervisor: Arc<Mutex<Supervisor>>,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            crate::lock(&self.supervisor).cancel_probe();
+        }
+    }
+}
+
+/// How a call's result counts for supervision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A trap, timeout or memory-limit hit.
+    Fault,
+    /// The guest answered.
+    Success,
+    /// Anything else (the client left, no capacity, a runner fault...).
+    Neutral,
+}
+
+impl Verdict {
+    fn of(result: Option<crate::guest::FaultKind>) -> Self {
+        use crate::guest::FaultKind;
+        match result {
+            None => Verdict::Success,
+            Some(FaultKind::Trap | FaultKind::Timeout | FaultKind::MemoryLimit) => Verdict::Fault,
+            Some(_) => Verdict::Neutral,
+        }
+    }
+}
+
+/// Node-wide settings every slot is made with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotConfig {
+    pub limits: CallLimits,
+    /// Supervision defaults; a function's settings override them.
+    pub supervision: Supervision,
 }
 
 pub struct Slot {
@@ -111,6 +164,11 @@ pub struct Slot {
     engine: Arc<Engine>,
     pre: SlotPre,
     limits: CallLimits,
+    node_supervision: Supervision,
+    supervisor: Arc<Mutex<Supervisor>>,
+    /// Bumped by `reset`: instances of an older generation are retired
+    /// when their call ends instead of going back to the pool.
+    generation: std::sync::atomic::AtomicU64,
     pool_settings: Mutex<PoolSettings>,
     /// Ready instances, oldest first.
     ready: Mutex<Vec<ReadyInstance>>,
@@ -130,7 +188,7 @@ impl Slot {
         engine: Arc<Engine>,
         store: &ModuleStore,
         def: FunctionDef,
-        limits: CallLimits,
+        config: SlotConfig,
         observer: Arc<dyn PoolObserver>,
     ) -> Result<Arc<Self>, SlotError> {
         let function = def.name.to_string();
@@ -169,7 +227,10 @@ impl Slot {
             def,
             engine,
             pre,
-            limits,
+            limits: config.limits,
+            node_supervision: config.supervision,
+            supervisor: Arc::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
             concurrency: Mutex::new(concurrency),
             stats: PoolStats::default(),
@@ -202,6 +263,21 @@ impl Slot {
         if self.is_closed() {
             return Err(Refusal::Closed);
         }
+        let probe = match crate::lock(&self.supervisor).gate(Instant::now()) {
+            Gate::Admit => None,
+            Gate::Probe => Some(ProbeGuard {
+                supervisor: self.supervisor.clone(),
+                armed: true,
+            }),
+            Gate::Refuse { retry_after } => {
+                PoolStats::add(&self.stats.quarantine_refusals);
+                return Err(Refusal::Quarantined { retry_after });
+            }
+        };
+        if probe.is_some() {
+            tracing::info!(function = %self.def.name, "quarantine: letting one probe call through");
+            self.emit(PoolEvent::Probe);
+        }
         PoolStats::add(&self.stats.received);
         self.touch();
         let started = Instant::now();
@@ -220,6 +296,7 @@ impl Slot {
             return Ok(Admission {
                 lease: Lease::Ready(ready),
                 _concurrency: concurrency,
+                probe,
             });
         }
         let remaining = within.saturating_sub(started.elapsed());
@@ -234,6 +311,7 @@ impl Slot {
         Ok(Admission {
             lease: Lease::New(permit),
             _concurrency: concurrency,
+            probe,
         })
     }
 
@@ -262,6 +340,7 @@ impl Slot {
         let Admission {
             lease,
             _concurrency: concurrency,
+            probe,
         } = admission;
         let permit = match lease {
             Lease::New(permit) => permit,
@@ -273,6 +352,7 @@ impl Slot {
         let body = match collect_body(body, self.limits.max_request_bytes).await {
             Ok(body) => body,
             Err(error) => {
+                self.supervise(Some(error.kind()), probe);
                 call.complete(Err(error.clone()));
                 return Err(error);
             }
@@ -326,6 +406,7 @@ impl Slot {
             self.count_retirement(reason, fault.is_some());
         }
         self.record_fault(fault);
+        self.supervise(fault, probe);
         PoolStats::add(&self.stats.processed);
         self.touch();
         call.complete(outcome.result.as_ref().map(|r| r.status).map_err(Clone::clone));
@@ -342,8 +423,9 @@ impl Slot {
         let Admission {
             lease,
             _concurrency: concurrency,
+            probe,
         } = admission;
-        let (mut instance, permit) = match lease {
+        let (mut instance, permit, generation) = match lease {
             Lease::Ready(ready) => {
                 let reused = ready.instance.calls() > 0;
                 call.set_instance(
@@ -358,9 +440,10 @@ impl Slot {
                     PoolStats::add(&self.stats.reused);
                     self.emit(PoolEvent::Reused);
                 }
-                (ready.instance, ready.permit)
+                (ready.instance, ready.permit, ready.generation)
             }
             Lease::New(permit) => {
+                let generation = self.generation.load(Ordering::Acquire);
                 let started = Instant::now();
                 let made = pre
                     .instantiate(&self.engine, &self.def.settings, &self.def.name, self.limits)
@@ -374,10 +457,11 @@ impl Slot {
                             prewarmed: false,
                             duration,
                         });
-                        (instance, permit)
+                        (instance, permit, generation)
                     }
                     Err(error) => {
                         self.record_fault(Some(error.kind()));
+                        self.supervise(Some(error.kind()), probe);
                         PoolStats::add(&self.stats.processed);
                         call.complete(Err(error.clone()));
                         return Err(error);
@@ -394,6 +478,7 @@ impl Slot {
             || wasmtime_wasi_http::Error::HttpRequestBodySize(None),
         );
         let (responder, head) = Responder::new();
+        let answer = responder.clone();
         let env = call_env(&call);
         let slot = self.clone();
         let too_large = body_too_large.clone();
@@ -427,6 +512,7 @@ impl Slot {
                 };
                 let fault = result.as_ref().err().map(CallError::kind);
                 slot.record_fault(fault);
+                slot.supervise(fault, probe);
                 let end = CallEnd {
                     fault: if outcome.healthy {
                         fault
@@ -437,9 +523,12 @@ impl Slot {
                     memory_bytes: instance.memory_used() as u64,
                     guest_asked: outcome.retire_requested,
                 };
-                slot.after_call(instance, permit, end);
+                slot.after_call(instance, permit, end, generation);
                 PoolStats::add(&slot.stats.processed);
                 slot.touch();
+                if let Err(error) = &result {
+                    answer.send(Err(error.clone()));
+                }
                 call.complete(result);
             },
             span,
@@ -465,15 +554,17 @@ impl Slot {
     }
 
     /// Applies the reuse policy to an instance that finished a call.
-    fn after_call(&self, instance: HttpInstance, permit: InstancePermit, end: CallEnd) {
+    fn after_call(&self, instance: HttpInstance, permit: InstancePermit, end: CallEnd, generation: u64) {
         let settings = self.pool_settings();
         let high_water = settings.memory_high_water_mb.map(|mb| mb * crate::engine::MIB);
+        let current = generation == self.generation.load(Ordering::Acquire);
         match pool::after_call(end, settings.max_jobs, high_water) {
-            AfterCall::Keep if !self.is_closed() => {
+            AfterCall::Keep if current && !self.is_closed() => {
                 crate::lock(&self.ready).push(ReadyInstance {
                     instance,
                     permit,
                     since: Instant::now(),
+                    generation,
                 });
             }
             AfterCall::Keep => self.count_retirement(RetireReason::Reset, false),
@@ -509,6 +600,98 @@ impl Slot {
         self.emit(PoolEvent::Fault { kind });
     }
 
+    /// The supervision this slot runs under: the function's settings over
+    /// the node's defaults.
+    pub fn supervision(&self) -> Supervision {
+        self.pool_settings().supervision(&self.node_supervision)
+    }
+
+    /// Feeds a call's result to the supervisor: `restart_all` clears the
+    /// idle instances after a fault; enough consecutive faults quarantine
+    /// the function; a probe's result lifts or extends the quarantine.
+    fn supervise(&self, fault: Option<crate::guest::FaultKind>, probe: Option<ProbeGuard>) {
+        let verdict = Verdict::of(fault);
+        let is_probe = probe.is_some();
+        if let Some(mut probe) = probe {
+            // NB: a neutral result gives the probe back (the guard's drop);
+            // a verdict consumes it.
+            probe.armed = verdict == Verdict::Neutral;
+        }
+        if verdict == Verdict::Neutral {
+            return;
+        }
+        let config = self.supervision();
+        let faulted = verdict == Verdict::Fault;
+        if faulted && config.policy == EscalationPolicy::RestartAll {
+            let retired = self.retire_ready(RetireReason::Escalation);
+            if retired > 0 {
+                tracing::info!(function = %self.def.name, retired, "restart_all: idle instances retired after a fault");
+            }
+            self.emit(PoolEvent::Escalated { retired });
+        }
+        let transition = crate::lock(&self.supervisor).record(faulted, is_probe, Instant::now(), &config);
+        match transition {
+            Some(Transition::Quarantined { backoff }) => {
+                PoolStats::add(&self.stats.escalations);
+                tracing::warn!(
+                    function = %self.def.name,
+                    faults = config.escalate_after,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "quarantined after consecutive faults: calls are NACKed until a probe succeeds"
+                );
+                self.retire_ready(RetireReason::Escalation);
+                self.emit(PoolEvent::Quarantined { backoff });
+            }
+            Some(Transition::ProbeFailed { backoff }) => {
+                tracing::warn!(function = %self.def.name, backoff_ms = backoff.as_millis() as u64, "probe failed: still quarantined");
+                self.emit(PoolEvent::ProbeFailed { backoff });
+            }
+            Some(Transition::Lifted) => {
+                tracing::info!(function = %self.def.name, "probe succeeded: quarantine lifted");
+                self.emit(PoolEvent::Lifted);
+            }
+            None => {}
+        }
+    }
+
+    /// Destroys every ready instance; returns how many went.
+    fn retire_ready(&self, reason: RetireReason) -> usize {
+        let ready: Vec<ReadyInstance> = std::mem::take(&mut *crate::lock(&self.ready));
+        let count = ready.len();
+        drop(ready);
+        for _ in 0..count {
+            self.count_retirement(reason, false);
+        }
+        count
+    }
+
+    /// roadrunner's Reset: the idle instances go, calls in flight finish on
+    /// their own instances (which are then retired, not pooled), and
+    /// `min_warm` is rebuilt from scratch by the caller's `prewarm`.
+    pub fn reset(&self) -> usize {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let retired = self.retire_ready(RetireReason::Reset);
+        tracing::info!(function = %self.def.name, retired, "pool reset");
+        self.emit(PoolEvent::Reset);
+        retired
+    }
+
+    /// Applies new pool settings in place (roadrunner's Reconfigure): the
+    /// ready instances stay; a new `max_concurrency` applies to calls
+    /// admitted from now on.
+    pub fn reconfigure(&self, settings: PoolSettings) {
+        let mut current = crate::lock(&self.pool_settings);
+        if current.max_concurrency != settings.max_concurrency {
+            *crate::lock(&self.concurrency) = settings
+                .max_concurrency
+                .map(|max| Arc::new(Semaphore::new(max as usize)));
+        }
+        if *current != settings {
+            tracing::info!(function = %self.def.name, "pool reconfigured in place");
+        }
+        *current = settings;
+    }
+
     fn take_ready(&self) -> Option<ReadyInstance> {
         // NB: newest first — its memory is the most likely to be warm.
         crate::lock(&self.ready).pop()
@@ -533,6 +716,7 @@ impl Slot {
             let Ok(permit) = capacity.try_acquire(self.def.settings.memory_mb) else {
                 return made;
             };
+            let generation = self.generation.load(Ordering::Acquire);
             let started = Instant::now();
             match pre
                 .instantiate(&self.engine, &self.def.settings, &self.def.name, self.limits)
@@ -549,6 +733,7 @@ impl Slot {
                         instance,
                         permit,
                         since: Instant::now(),
+                        generation,
                     });
                     made += 1;
                 }
@@ -610,12 +795,7 @@ impl Slot {
     /// flight finish on their own instances, which are then dropped.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let ready: Vec<ReadyInstance> = std::mem::take(&mut *crate::lock(&self.ready));
-        let count = ready.len();
-        drop(ready);
-        for _ in 0..count {
-            self.count_retirement(RetireReason::Reset, false);
-        }
+        self.retire_ready(RetireReason::Reset);
     }
 
     /// Whether the slot has had no instance and no call for its idle
@@ -636,6 +816,7 @@ impl Slot {
         let available = crate::lock(&self.concurrency)
             .as_ref()
             .map(|semaphore| semaphore.available_permits() as u64);
+        let quarantined_for = crate::lock(&self.supervisor).quarantined_for(Instant::now());
         PoolStatsSnapshot {
             received: PoolStats::get(&s.received),
             processed: PoolStats::get(&s.processed),
@@ -653,6 +834,11 @@ impl Slot {
             idled: PoolStats::get(&s.idled),
             retired: PoolStats::get(&s.retired),
             available,
+            escalations: PoolStats::get(&s.escalations),
+            quarantine_refusals: PoolStats::get(&s.quarantine_refusals),
+            quarantined: quarantined_for.is_some(),
+            quarantined_for_ms: quarantined_for.map(|d| d.as_millis() as u64),
+            escalation_policy: self.supervision().policy,
         }
     }
 

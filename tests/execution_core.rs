@@ -466,7 +466,7 @@ fn slot_error(path: std::path::PathBuf) -> String {
         engine(),
         &store.store,
         def,
-        CallLimits::default(),
+        fnrunner::slot::SlotConfig::default(),
         std::sync::Arc::new(fnrunner::pool::NoObserver),
     ) {
         Ok(_) => panic!("{} must be refused", path.display()),

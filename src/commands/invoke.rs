@@ -14,10 +14,10 @@ use crate::call::CallReport;
 use crate::capacity::NodeCapacity;
 use crate::engine::{Engine, EngineConfig};
 use crate::function::{FunctionDef, SettingsOverrides};
-use crate::guest::{CallLimits, FaultKind, GuestRequest, full_body};
+use crate::guest::{FaultKind, GuestRequest, full_body};
 use crate::module_store::ModuleStore;
 use crate::pool::NoObserver;
-use crate::slot::{ColdStart, Slot};
+use crate::slot::{ColdStart, Slot, SlotConfig};
 
 /// Run one function call locally and print the response body.
 #[derive(clap::Args, Debug)]
@@ -194,7 +194,7 @@ impl InvokeCommand {
         let slot = {
             let (engine, store, def) = (engine.clone(), store.clone(), def.clone());
             let created = tokio::task::spawn_blocking(move || {
-                Slot::create(engine, &store, def, CallLimits::default(), Arc::new(NoObserver))
+                Slot::create(engine, &store, def, SlotConfig::default(), Arc::new(NoObserver))
             })
             .await;
             match created {

@@ -24,7 +24,7 @@ pub enum Command {
     /// Run one function call locally and print the response body.
     Invoke(InvokeCommand),
     /// Run a runner node serving a directory of functions over HTTP(S).
-    Serve(ServeCommand),
+    Serve(Box<ServeCommand>),
 }
 
 impl Command {

@@ -151,6 +151,44 @@ pub struct ServeCommand {
     )]
     tls_client_ca: Option<PathBuf>,
 
+    /// What a guest fault does to the slot's other idle instances by
+    /// default: `restart_one` (nothing) or `restart_all` (retire them).
+    #[arg(long, env = "FNRUNNER_ESCALATION", default_value = "restart_one", value_parser = ["restart_one", "restart_all"])]
+    escalation: String,
+
+    /// Consecutive guest faults (traps, timeouts, memory-limit hits)
+    /// within the window that quarantine a function; 0 never does.
+    #[arg(long, env = "FNRUNNER_ESCALATE_AFTER", default_value_t = crate::pool::DEFAULT_ESCALATE_AFTER, value_name = "N")]
+    escalate_after: u32,
+
+    /// The window those faults must fall in.
+    #[arg(
+        long,
+        env = "FNRUNNER_ESCALATE_WINDOW_MS",
+        default_value_t = 60_000,
+        value_name = "MS"
+    )]
+    escalate_window_ms: u64,
+
+    /// First quarantine back-off before a probe call; doubled after each
+    /// failed probe.
+    #[arg(
+        long,
+        env = "FNRUNNER_QUARANTINE_BACKOFF_MS",
+        default_value_t = 1_000,
+        value_name = "MS"
+    )]
+    quarantine_backoff_ms: u64,
+
+    /// Cap of the quarantine back-off.
+    #[arg(
+        long,
+        env = "FNRUNNER_QUARANTINE_MAX_BACKOFF_MS",
+        default_value_t = 60_000,
+        value_name = "MS"
+    )]
+    quarantine_max_backoff_ms: u64,
+
     /// Log format.
     #[arg(long, env = "FNRUNNER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -199,6 +237,9 @@ impl ServeCommand {
             ("--max-connections", self.max_connections as u64),
             ("--max-instances", u64::from(self.max_instances)),
             ("--max-dumps", self.max_dumps as u64),
+            ("--escalate-window-ms", self.escalate_window_ms),
+            ("--quarantine-backoff-ms", self.quarantine_backoff_ms),
+            ("--quarantine-max-backoff-ms", self.quarantine_max_backoff_ms),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -302,6 +343,16 @@ impl ServeCommand {
                     max_request_bytes: self.max_body_bytes,
                     max_response_bytes: self.max_response_bytes,
                     max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+                },
+                supervision: crate::pool::Supervision {
+                    policy: crate::pool::EscalationPolicy::parse(&self.escalation)
+                        .unwrap_or(crate::pool::EscalationPolicy::RestartOne),
+                    escalate_after: self.escalate_after,
+                    window: Duration::from_millis(self.escalate_window_ms),
+                    backoff: Duration::from_millis(self.quarantine_backoff_ms),
+                    max_backoff: Duration::from_millis(
+                        self.quarantine_max_backoff_ms.max(self.quarantine_backoff_ms),
+                    ),
                 },
                 ..RunnerConfig::default()
             },

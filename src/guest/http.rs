@@ -211,6 +211,11 @@ impl Responder {
         (Self(Arc::new(Mutex::new(Some(tx)))), rx)
     }
 
+    /// Whether an answer was sent.
+    pub fn is_sent(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
     /// Sends `value` if nothing was sent yet; returns whether it was sent.
     pub fn send(&self, value: Result<GuestResponse, CallError>) -> bool {
         let sender = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -258,6 +263,10 @@ impl HttpInstance {
     /// Runs one call. The response head goes to `respond` as soon as the
     /// guest sets it (the body then streams while the guest runs on); this
     /// future completes when the guest's `handle` returns.
+    ///
+    /// NB: a failure is returned, not sent: the caller sends it through its
+    /// own clone of the `Responder` once the pool has dealt with the
+    /// instance, so a client never sees the answer before the pool does.
     pub async fn handle(
         &mut self,
         engine: &Engine,
@@ -316,7 +325,6 @@ impl HttpInstance {
                     "passing the request to the guest",
                     super::error_chain(&error),
                 );
-                respond.send(Err(error.clone()));
                 return HandleOutcome {
                     result: Err(error),
                     user_execution_time: Duration::ZERO,
@@ -370,24 +378,13 @@ impl HttpInstance {
                 Err(classify(&error, &facts(&self.store, false)))
             }
         };
+        // A guest that returns without setting its response is at fault.
         let result = match result {
-            // A guest that returns without setting its response is at fault.
-            Ok(())
-                if respond.send(Err(no_response(
-                    function,
-                    "`handle` returned without setting a response",
-                ))) =>
-            {
-                Err(no_response(
-                    function,
-                    "`handle` returned without setting a response",
-                ))
-            }
-            Ok(()) => Ok(()),
-            Err(error) => {
-                respond.send(Err(error.clone()));
-                Err(error)
-            }
+            Ok(()) if !respond.is_sent() => Err(no_response(
+                function,
+                "`handle` returned without setting a response",
+            )),
+            other => other,
         };
         let healthy = result.is_ok() && !self.store.data().limiter.memory_refused();
         let (status, retire_requested) = match head.get() {

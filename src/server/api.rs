@@ -8,6 +8,16 @@
 //! It is validated completely (name, settings, guest kind, compile,
 //! linking) before anything changes; a rejected deploy answers 400 and
 //! changes nothing on disk or in memory.
+//!
+//! `PATCH /v1/functions/{name}` takes a TOML document of settings to
+//! change (the others are kept) and redeploys the same bytes.
+//! `POST /v1/functions/{name}/reset` resets the function's pool.
+//!
+//! A deploy whose SlotHashId is unchanged (same bytes, only pool settings
+//! changed: `max_jobs`, `min_warm`, `max_concurrency`, `idle_timeout_ms`,
+//! `memory_high_water_mb`, supervision) reconfigures the running pool in
+//! place, keeping its warm instances; any other change makes a new slot.
+//! The answer's `slot_changed` says which happened.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -29,6 +39,10 @@ pub struct FunctionInfo {
     pub slot_hash: String,
     pub size: usize,
     pub settings: serde_json::Value,
+    /// On a (re)deploy: whether it made a new slot (`false`: the running
+    /// pool was reconfigured in place).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_changed: Option<bool>,
 }
 
 impl FunctionInfo {
@@ -44,6 +58,7 @@ impl FunctionInfo {
             slot_hash: def.slot_hash.to_string(),
             size: def.bytes.len(),
             settings,
+            slot_changed: None,
         }
     }
 }
@@ -52,6 +67,18 @@ pub async fn handle(app: &App, request: Request<Incoming>) -> Response<GuestBody
     let path = request.uri().path().to_owned();
     let rest = path.strip_prefix("/v1/functions").unwrap_or("");
     let name = rest.strip_prefix('/').filter(|n| !n.is_empty());
+    if let Some(name) = name.and_then(|n| n.strip_suffix("/reset")) {
+        if request.method() != Method::POST {
+            return method_not_allowed();
+        }
+        return match app.runner.reset(name).await {
+            Some(retired) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "name": name, "reset": true, "retired": retired }),
+            ),
+            None => unknown(name),
+        };
+    }
     match (request.method().clone(), name) {
         (Method::GET, None) => {
             let list: Vec<FunctionInfo> = app.runner.functions().iter().map(FunctionInfo::of).collect();
@@ -62,6 +89,7 @@ pub async fn handle(app: &App, request: Request<Incoming>) -> Response<GuestBody
             None => unknown(name),
         },
         (Method::PUT, Some(name)) => deploy(app, name.to_owned(), request).await,
+        (Method::PATCH, Some(name)) => patch(app, name.to_owned(), request).await,
         (Method::DELETE, Some(name)) => match app.runner.remove(name).await {
             Ok(Some(def)) => json(StatusCode::OK, &FunctionInfo::of(&def)),
             Ok(None) => unknown(name),
@@ -112,15 +140,26 @@ async fn deploy(app: &App, name: String, request: Request<Incoming>) -> Response
         Ok(def) => def,
         Err(error) => return invalid(error),
     };
-    match app.runner.deploy(def, &settings_text).await {
+    apply(app, def, &settings_text).await
+}
+
+async fn apply(app: &App, def: FunctionDef, settings_text: &str) -> Response<GuestBody> {
+    let name = def.name.clone();
+    match app.runner.deploy(def, settings_text).await {
         Ok(outcome) => {
             let status = if outcome.replaced.is_some() {
                 StatusCode::OK
             } else {
                 StatusCode::CREATED
             };
-            tracing::info!(function = %name, slot = outcome.def.slot_hash.short(), "deployed");
-            json(status, &FunctionInfo::of(&outcome.def))
+            let slot_changed = outcome
+                .replaced
+                .as_ref()
+                .is_none_or(|old| old.slot_hash != outcome.def.slot_hash);
+            tracing::info!(function = %name, slot = outcome.def.slot_hash.short(), slot_changed, "deployed");
+            let mut info = FunctionInfo::of(&outcome.def);
+            info.slot_changed = Some(slot_changed);
+            json(status, &info)
         }
         Err(crate::runner::DeployError::Invalid(message)) => invalid(message),
         Err(error) => error_response(
@@ -130,6 +169,53 @@ async fn deploy(app: &App, name: String, request: Request<Incoming>) -> Response
             None,
         ),
     }
+}
+
+/// `PATCH`: the given settings over the current ones, same module bytes.
+async fn patch(app: &App, name: String, request: Request<Incoming>) -> Response<GuestBody> {
+    let Some(current) = app.runner.get_function(&name) else {
+        return unknown(&name);
+    };
+    let body = match http_body_util::Limited::new(request.into_body(), 1 << 20)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(error) => return invalid(format!("cannot read the settings: {error}")),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return invalid("the settings are not UTF-8");
+    };
+    let changes: toml::Table = match toml::from_str(text) {
+        Ok(changes) => changes,
+        Err(error) => return invalid(format!("PATCH settings: {}", error.message())),
+    };
+    let mut merged: toml::Table = toml::from_str(&current.settings.to_toml()).unwrap_or_default();
+    for (key, value) in changes {
+        merged.insert(key, value);
+    }
+    let merged_text = match toml::to_string(&merged) {
+        Ok(text) => text,
+        Err(error) => return invalid(format!("PATCH settings: {error}")),
+    };
+    let base_dir = app
+        .runner
+        .functions_dir()
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let settings = match Settings::parse(&merged_text, "PATCH settings", &base_dir) {
+        Ok(settings) => settings,
+        Err(error) => return invalid(error),
+    };
+    let def = match FunctionDef::new(
+        &name,
+        current.bytes.clone(),
+        settings,
+        &format!("function `{name}`"),
+    ) {
+        Ok(def) => def,
+        Err(error) => return invalid(error),
+    };
+    apply(app, def, &merged_text).await
 }
 
 /// The module bytes and settings text of a deploy request.

@@ -76,32 +76,39 @@ pub fn call_error_response(error: &CallError, call_id: &str) -> Response<GuestBo
     };
     let mut response = error_response(status_of(kind), kind.code(), &message, Some(call_id));
     if kind == FaultKind::Busy {
-        add_nack_headers(&mut response, NackReason::Busy);
+        add_nack_headers(&mut response, NackReason::Busy, u64::from(RETRY_AFTER_SECS));
     }
     response
 }
 
 /// A NACK: 503 with `fn-runner-nack` and `retry-after`, sent before the
 /// request body is read so a load balancer can replay the call elsewhere.
-pub fn nack_response(reason: NackReason, call_id: &str) -> Response<GuestBody> {
-    let message = match reason {
-        NackReason::Busy => "no capacity for this call on this node; try another",
-        NackReason::Draining => "this node is draining; try another",
+pub fn nack_response(
+    reason: NackReason,
+    retry_after: std::time::Duration,
+    call_id: &str,
+) -> Response<GuestBody> {
+    let (code, message) = match reason {
+        NackReason::Busy => (
+            "server_busy",
+            "no capacity for this call on this node; try another",
+        ),
+        NackReason::Draining => ("server_busy", "this node is draining; try another"),
+        NackReason::Quarantined => (
+            "quarantined",
+            "this function is quarantined on this node after repeated faults; try another",
+        ),
     };
-    let mut response = error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_busy",
-        message,
-        Some(call_id),
-    );
-    add_nack_headers(&mut response, reason);
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, code, message, Some(call_id));
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    add_nack_headers(&mut response, reason, seconds.max(1));
     response
 }
 
-fn add_nack_headers(response: &mut Response<GuestBody>, reason: NackReason) {
+fn add_nack_headers(response: &mut Response<GuestBody>, reason: NackReason, retry_after_secs: u64) {
     let headers = response.headers_mut();
     headers.insert(NACK_HEADER, HeaderValue::from_static(reason.as_str()));
-    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
 }
 
 #[cfg(test)]
@@ -122,7 +129,7 @@ mod tests {
 
     #[test]
     fn a_nack_says_why_and_when_to_retry() {
-        let response = nack_response(NackReason::Draining, "c1");
+        let response = nack_response(NackReason::Draining, std::time::Duration::from_millis(200), "c1");
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()[NACK_HEADER], "draining");
         assert_eq!(response.headers()["retry-after"], "1");

@@ -316,7 +316,15 @@ impl App {
             })
             .await;
         match outcome {
-            TryExec::Nack { reason, .. } => nack_response(reason, call_id.as_str()),
+            TryExec::Nack {
+                reason, retry_after, ..
+            } => {
+                let mut response = nack_response(reason, retry_after, call_id.as_str());
+                response
+                    .headers_mut()
+                    .insert("server-timing", server_timing(created.elapsed(), Duration::ZERO));
+                response
+            }
             TryExec::Committed(committed) => {
                 let mut response = match committed.result {
                     Ok(Answer::Response {

@@ -65,7 +65,17 @@ impl TestStore {
 
     pub fn slot_with(&self, name: &str, overrides: &SettingsOverrides, limits: CallLimits) -> Arc<Slot> {
         let def = FunctionDef::load(&fixture(name), overrides).expect("function definition");
-        Slot::create(engine(), &self.store, def, limits, Arc::new(NoObserver)).expect("slot")
+        Slot::create(
+            engine(),
+            &self.store,
+            def,
+            fnrunner::slot::SlotConfig {
+                limits,
+                ..Default::default()
+            },
+            Arc::new(NoObserver),
+        )
+        .expect("slot")
     }
 }
 
