@@ -348,12 +348,21 @@ struct FunctionEntry {
 /// A slot being made or made. Concurrent first calls share one cold start.
 type SlotCell = Arc<tokio::sync::OnceCell<Arc<Slot>>>;
 
+/// A slot belongs to one function: two functions with the same bytes and
+/// instance settings still get a pool each, with their own pool settings.
+/// (The compiled module is shared through the module store.)
+type SlotKey = (Arc<str>, SlotHashId);
+
+fn slot_key(def: &FunctionDef) -> SlotKey {
+    (def.name.clone(), def.slot_hash.clone())
+}
+
 pub struct LocalRunner {
     engine: Arc<Engine>,
     store: Arc<ModuleStore>,
     dir: Option<FunctionDir>,
     functions: RwLock<BTreeMap<Arc<str>, FunctionEntry>>,
-    slots: Mutex<HashMap<SlotHashId, SlotCell>>,
+    slots: Mutex<HashMap<SlotKey, SlotCell>>,
     capacity: NodeCapacity,
     config: RunnerConfig,
     counters: Counters,
@@ -645,10 +654,7 @@ impl LocalRunner {
     /// The slot for `def`, made on first use (a cold start: the module from
     /// memory, the store, or the compiler, then `InstancePre`).
     async fn slot(&self, def: &FunctionDef) -> Result<Arc<Slot>, SlotError> {
-        let cell = crate::lock(&self.slots)
-            .entry(def.slot_hash.clone())
-            .or_default()
-            .clone();
+        let cell = crate::lock(&self.slots).entry(slot_key(def)).or_default().clone();
         let slot = cell
             .get_or_try_init(|| async {
                 let (engine, store, def, observer) = (
@@ -713,29 +719,28 @@ impl LocalRunner {
     /// drop slots nothing uses.
     pub async fn maintain(&self) {
         let now = Instant::now();
-        let live: std::collections::HashSet<SlotHashId> = read(&self.functions)
-            .values()
-            .map(|e| e.def.slot_hash.clone())
-            .collect();
-        let slots: Vec<(SlotHashId, Arc<Slot>)> = crate::lock(&self.slots)
+        let mut live: std::collections::HashSet<SlotKey> =
+            read(&self.functions).values().map(|e| slot_key(&e.def)).collect();
+        live.insert(slot_key(&self.health));
+        let slots: Vec<(SlotKey, Arc<Slot>)> = crate::lock(&self.slots)
             .iter()
-            .filter_map(|(hash, cell)| cell.get().map(|slot| (hash.clone(), slot.clone())))
+            .filter_map(|(key, cell)| cell.get().map(|slot| (key.clone(), slot.clone())))
             .collect();
-        for (hash, slot) in slots {
+        for (key, slot) in slots {
             slot.reap(now);
-            let deployed = live.contains(&hash);
+            let deployed = live.contains(&key);
             if !deployed || slot.is_unused(now) {
                 if !deployed {
                     slot.close();
                 }
                 let mut map = crate::lock(&self.slots);
                 if map
-                    .get(&hash)
+                    .get(&key)
                     .and_then(|cell| cell.get())
                     .is_some_and(|s| Arc::ptr_eq(s, &slot))
                     && (!deployed || slot.is_unused(now))
                 {
-                    map.remove(&hash);
+                    map.remove(&key);
                 }
                 continue;
             }
@@ -827,7 +832,7 @@ impl LocalRunner {
         if let Some(old) = &replaced
             && old.slot_hash != def.slot_hash
         {
-            self.retire_slot_if_unused(&old.slot_hash);
+            self.retire_slot(old);
         }
         if def.settings.pool.min_warm > 0 {
             slot.prewarm(&self.capacity).await;
@@ -865,19 +870,15 @@ impl LocalRunner {
         }
         let removed = write(&self.functions).remove(name).map(|entry| entry.def);
         if let Some(def) = &removed {
-            self.retire_slot_if_unused(&def.slot_hash);
+            self.retire_slot(def);
         }
         Ok(removed)
     }
 
-    /// Closes a slot no function refers to any more; its running calls
-    /// finish, its ready instances go.
-    fn retire_slot_if_unused(&self, hash: &SlotHashId) {
-        let still_used = read(&self.functions).values().any(|e| &e.def.slot_hash == hash);
-        if still_used {
-            return;
-        }
-        if let Some(cell) = crate::lock(&self.slots).remove(hash)
+    /// Closes the slot of a function definition that was replaced or
+    /// removed; its running calls finish, its ready instances go.
+    fn retire_slot(&self, def: &FunctionDef) {
+        if let Some(cell) = crate::lock(&self.slots).remove(&slot_key(def))
             && let Some(slot) = cell.get()
         {
             slot.close();
@@ -888,7 +889,7 @@ impl LocalRunner {
     pub fn existing_slot(&self, name: &str) -> Option<Arc<Slot>> {
         let def = self.function(name)?;
         crate::lock(&self.slots)
-            .get(&def.slot_hash)
+            .get(&slot_key(&def))
             .and_then(|cell| cell.get().cloned())
     }
 
@@ -915,7 +916,7 @@ impl LocalRunner {
         defs.into_iter()
             .map(|def| {
                 let pool = slots
-                    .get(&def.slot_hash)
+                    .get(&slot_key(&def))
                     .and_then(|cell| cell.get())
                     .map(|slot| slot.stats());
                 (
@@ -1109,7 +1110,9 @@ fn log_report(report: &CallReport) {
     let total_us = report.total.as_micros() as u64;
     let user_us = report.user_execution_time.as_micros() as u64;
     match &report.outcome {
-        Ok(status) => tracing::info!(status = status.as_u16(), total_us, user_us, "call completed"),
+        // NB: debug, not info: a line per successful call is a write per
+        // call, which a busy node cannot afford by default.
+        Ok(status) => tracing::debug!(status = status.as_u16(), total_us, user_us, "call completed"),
         Err(CallError::Canceled) => {
             tracing::info!(status = 444, total_us, "call canceled: the client went away")
         }

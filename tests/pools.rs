@@ -228,3 +228,29 @@ async fn a_refused_memory_grow_retires_the_instance() {
         "the instance at its limit was retired"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_with_the_same_module_and_settings_keep_pools_of_their_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    add_function(dir.path(), "reused", "counter", Some("max_jobs = 100\n"));
+    add_function(dir.path(), "fresh", "counter", Some("max_jobs = 1\n"));
+    let node = Node::start(dir.path(), &[]);
+    let hash = |name: &str| {
+        let node = &node;
+        let name = name.to_owned();
+        async move { node.get(&format!("/v1/functions/{name}")).await.json()["slot_hash"].clone() }
+    };
+    assert_eq!(
+        hash("reused").await,
+        hash("fresh").await,
+        "same module and instance settings"
+    );
+    assert_eq!(node.get("/fn/fresh").await.text(), "1\n");
+    assert_eq!(node.get("/fn/reused").await.text(), "1\n");
+    assert_eq!(
+        node.get("/fn/reused").await.text(),
+        "2\n",
+        "its own max_jobs applies"
+    );
+    assert_eq!(node.get("/fn/fresh").await.text(), "1\n", "and this one's");
+}

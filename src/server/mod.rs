@@ -332,9 +332,11 @@ impl App {
                         scheduler_time,
                         execution_time,
                     }) => {
-                        let mut out = Response::new(response.body);
+                        let mut headers = response.headers;
+                        let body = settle(response.body, &mut headers).await;
+                        let mut out = Response::new(body);
                         *out.status_mut() = response.status;
-                        *out.headers_mut() = response.headers;
+                        *out.headers_mut() = headers;
                         out.headers_mut()
                             .insert("server-timing", server_timing(scheduler_time, execution_time));
                         out
@@ -443,6 +445,62 @@ impl App {
             }
         }
     }
+}
+
+/// Most bytes of a streamed body held back to send it whole.
+pub const SETTLE_MAX_BYTES: usize = 64 << 10;
+/// Longest a response head is held back waiting for its body to end.
+pub const SETTLE_WAIT: Duration = Duration::from_millis(2);
+
+/// Sends small bodies whole: if a streamed body ends within
+/// `SETTLE_WAIT` and `SETTLE_MAX_BYTES`, it becomes a body of known length
+/// (a `content-length` instead of chunks: one write instead of three on
+/// HTTP/1.1). Otherwise the frames read so far go first and the rest
+/// streams as it comes.
+async fn settle(mut body: GuestBody, headers: &mut http::HeaderMap) -> GuestBody {
+    use http_body::Body as _;
+    if body.is_end_stream() || body.size_hint().exact().is_some() {
+        return body;
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    let mut frames: Vec<http_body::Frame<Bytes>> = Vec::new();
+    let mut held = 0usize;
+    let mut error = None;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => {
+                if frames.iter().all(http_body::Frame::is_data) {
+                    let mut whole = bytes::BytesMut::with_capacity(held);
+                    for frame in frames {
+                        if let Ok(data) = frame.into_data() {
+                            whole.extend_from_slice(&data);
+                        }
+                    }
+                    if !headers.contains_key(http::header::CONTENT_LENGTH) {
+                        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+                    }
+                    return full_body(whole.freeze());
+                }
+                break;
+            }
+            Ok(Some(Ok(frame))) => {
+                held += frame.data_ref().map_or(0, Bytes::len);
+                frames.push(frame);
+                if held > SETTLE_MAX_BYTES {
+                    break;
+                }
+            }
+            Ok(Some(Err(failure))) => {
+                error = Some(failure);
+                break;
+            }
+            Err(_elapsed) => break,
+        }
+    }
+    let held: futures::stream::Iter<_> =
+        futures::stream::iter(frames.into_iter().map(Ok).chain(error.map(Err)));
+    let rest = http_body_util::BodyStream::new(body);
+    http_body_util::StreamBody::new(futures::StreamExt::chain(held, rest)).boxed_unsync()
 }
 
 /// Connection-level headers that are not the guest's business.
