@@ -14,7 +14,9 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::guest::FaultKind;
 use crate::module_store::LoadSource;
-use crate::pool::{PoolEvent, PoolObserver, RetireReason};
+use std::sync::{Arc, OnceLock};
+
+use crate::pool::{EVENT_NAMES, PoolEvent, PoolEvents, PoolObserver, RetireReason};
 use crate::runner::{ColdStartObserver, latency_buckets};
 use crate::slot::Slot;
 
@@ -205,11 +207,47 @@ fn function(name: &str) -> FunctionLabels {
 }
 
 impl PoolObserver for PoolMetrics {
-    fn on_event(&self, name: &str, event: &PoolEvent) {
-        self.events
-            .get_or_create(&EventLabels {
-                function: name.to_owned(),
-                event: event.name(),
+    fn events(&self, name: &str) -> Arc<dyn PoolEvents> {
+        Arc::new(FunctionPoolMetrics {
+            families: self.clone(),
+            function: name.to_owned(),
+            events: Default::default(),
+            created: Default::default(),
+            reused: OnceLock::new(),
+            retired: Default::default(),
+            faults: Default::default(),
+            instantiate: OnceLock::new(),
+        })
+    }
+}
+
+/// One function's series, looked up on first use and then held, so an
+/// event costs no label hashing or allocation.
+struct FunctionPoolMetrics {
+    families: PoolMetrics,
+    function: String,
+    events: [OnceLock<Counter>; EVENT_NAMES.len()],
+    /// `[on_call, prewarm]`.
+    created: [OnceLock<Counter>; 2],
+    reused: OnceLock<Counter>,
+    retired: [OnceLock<Counter>; RetireReason::ALL.len()],
+    /// `[trap, timeout, oom, other]`.
+    faults: [OnceLock<Counter>; 4],
+    instantiate: OnceLock<Histogram>,
+}
+
+impl PoolEvents for FunctionPoolMetrics {
+    fn on_event(&self, event: &PoolEvent) {
+        let f = &self.families;
+        let name = || self.function.clone();
+        self.events[event.index()]
+            .get_or_init(|| {
+                f.events
+                    .get_or_create(&EventLabels {
+                        function: name(),
+                        event: event.name(),
+                    })
+                    .clone()
             })
             .inc();
         match event {
@@ -219,38 +257,57 @@ impl PoolObserver for PoolMetrics {
                 } else {
                     CreatedWhen::on_call
                 };
-                self.created
-                    .get_or_create(&CreatedLabels {
-                        function: name.to_owned(),
-                        when,
+                self.created[usize::from(*prewarmed)]
+                    .get_or_init(|| {
+                        f.created
+                            .get_or_create(&CreatedLabels {
+                                function: name(),
+                                when,
+                            })
+                            .clone()
                     })
                     .inc();
-                self.instantiate_duration
-                    .get_or_create(&function(name))
+                self.instantiate
+                    .get_or_init(|| {
+                        f.instantiate_duration
+                            .get_or_create(&function(&self.function))
+                            .clone()
+                    })
                     .observe(duration.as_secs_f64());
             }
             PoolEvent::Reused => {
-                self.reused.get_or_create(&function(name)).inc();
+                self.reused
+                    .get_or_init(|| f.reused.get_or_create(&function(&self.function)).clone())
+                    .inc();
             }
             PoolEvent::Retired { reason } => {
-                self.retired
-                    .get_or_create(&RetiredLabels {
-                        function: name.to_owned(),
-                        reason: (*reason).into(),
+                let index = RetireReason::ALL.iter().position(|r| r == reason).unwrap_or(0);
+                self.retired[index]
+                    .get_or_init(|| {
+                        f.retired
+                            .get_or_create(&RetiredLabels {
+                                function: name(),
+                                reason: (*reason).into(),
+                            })
+                            .clone()
                     })
                     .inc();
             }
             PoolEvent::Fault { kind } => {
-                let kind = match kind {
-                    FaultKind::Trap => FaultLabel::trap,
-                    FaultKind::Timeout => FaultLabel::timeout,
-                    FaultKind::MemoryLimit => FaultLabel::oom,
-                    _ => FaultLabel::other,
+                let (index, kind) = match kind {
+                    FaultKind::Trap => (0, FaultLabel::trap),
+                    FaultKind::Timeout => (1, FaultLabel::timeout),
+                    FaultKind::MemoryLimit => (2, FaultLabel::oom),
+                    _ => (3, FaultLabel::other),
                 };
-                self.faults
-                    .get_or_create(&FaultLabels {
-                        function: name.to_owned(),
-                        kind,
+                self.faults[index]
+                    .get_or_init(|| {
+                        f.faults
+                            .get_or_create(&FaultLabels {
+                                function: name(),
+                                kind,
+                            })
+                            .clone()
                     })
                     .inc();
             }

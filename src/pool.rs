@@ -4,6 +4,7 @@
 //! serve`'s `should_accept`), so they are tested without running Wasm. The
 //! slot (`slot.rs`) applies them to real instances.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -482,16 +483,54 @@ impl PoolEvent {
     }
 }
 
-/// Receives pool events (the metrics module implements it).
+/// Every event name, in `PoolEvent::index` order.
+pub const EVENT_NAMES: [&str; 11] = [
+    "created",
+    "reused",
+    "retired",
+    "killed",
+    "fault",
+    "escalation",
+    "quarantine",
+    "probe",
+    "probe_failed",
+    "lift",
+    "reset",
+];
+
+impl PoolEvent {
+    /// Position of the event's name in `EVENT_NAMES`.
+    pub fn index(&self) -> usize {
+        EVENT_NAMES
+            .iter()
+            .position(|name| *name == self.name())
+            .unwrap_or(0)
+    }
+}
+
+/// Receives pool events (the metrics module implements it). A slot asks
+/// once, when it is made, for its function's sink, so that an event costs
+/// no lookup.
 pub trait PoolObserver: Send + Sync + 'static {
-    fn on_event(&self, function: &str, event: &PoolEvent);
+    fn events(&self, function: &str) -> Arc<dyn PoolEvents>;
+}
+
+/// One function's pool events.
+pub trait PoolEvents: Send + Sync {
+    fn on_event(&self, event: &PoolEvent);
 }
 
 /// Observer that ignores everything (for `invoke` and tests).
 pub struct NoObserver;
 
 impl PoolObserver for NoObserver {
-    fn on_event(&self, _: &str, _: &PoolEvent) {}
+    fn events(&self, _: &str) -> Arc<dyn PoolEvents> {
+        Arc::new(NoObserver)
+    }
+}
+
+impl PoolEvents for NoObserver {
+    fn on_event(&self, _: &PoolEvent) {}
 }
 
 #[cfg(test)]

@@ -174,7 +174,7 @@ pub struct Slot {
     ready: Mutex<Vec<ReadyInstance>>,
     concurrency: Mutex<Option<Arc<Semaphore>>>,
     stats: PoolStats,
-    observer: Arc<dyn PoolObserver>,
+    events: Arc<dyn crate::pool::PoolEvents>,
     cold: ColdStart,
     closed: AtomicBool,
     last_active: Mutex<Instant>,
@@ -212,6 +212,7 @@ impl Slot {
             Compiled::Module(module) => CgiPre::new(&engine, module).map(SlotPre::Cgi),
         }
         .map_err(|source| SlotError::Prepare { function, source })?;
+        let events = observer.events(&def.name);
         let cold = ColdStart {
             source: loaded.source,
             load_time: loaded.duration,
@@ -234,7 +235,7 @@ impl Slot {
             ready: Mutex::new(Vec::new()),
             concurrency: Mutex::new(concurrency),
             stats: PoolStats::default(),
-            observer,
+            events,
             cold,
             closed: AtomicBool::new(false),
             last_active: Mutex::new(Instant::now()),
@@ -843,7 +844,7 @@ impl Slot {
     }
 
     fn emit(&self, event: PoolEvent) {
-        self.observer.on_event(&self.def.name, &event);
+        self.events.on_event(&event);
     }
 
     fn touch(&self) {
