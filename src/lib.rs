@@ -2,8 +2,10 @@
 //! WebAssembly instances — the execution core (engine, module store,
 //! function settings, guests, slots and pools) and the commands built on it.
 
+pub mod bench;
 pub mod call;
 pub mod capacity;
+pub mod client;
 pub mod commands;
 pub mod coredump;
 pub mod deploy;

@@ -155,7 +155,10 @@ async fn a_quarantined_function_does_not_hold_up_the_others() {
     assert_eq!((refused, served), (50, 50));
     let metrics = node.get("/metrics").await.text();
     assert_eq!(
-        metric(&metrics, "fnrunner_instances_created_total{function=\"crash\",when=\"on_call\"}"),
+        metric(
+            &metrics,
+            "fnrunner_instances_created_total{function=\"crash\",when=\"on_call\"}"
+        ),
         1.0,
         "no Wasm ran for the quarantined function"
     );

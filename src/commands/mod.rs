@@ -1,6 +1,7 @@
 //! The CLI: one struct per subcommand, each with an `execute()`, and the
 //! exit codes they share.
 
+mod bench;
 mod invoke;
 mod serve;
 
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub use bench::BenchCommand;
 pub use invoke::InvokeCommand;
 pub use serve::{ServeCommand, shutdown_signal};
 
@@ -25,6 +27,8 @@ pub enum Command {
     Invoke(InvokeCommand),
     /// Run a runner node serving a directory of functions over HTTP(S).
     Serve(Box<ServeCommand>),
+    /// Measure cold starts, in process or against running nodes.
+    Bench(Box<BenchCommand>),
 }
 
 impl Command {
@@ -32,6 +36,7 @@ impl Command {
         let code = match self {
             Command::Invoke(command) => command.execute(),
             Command::Serve(command) => command.execute(),
+            Command::Bench(command) => command.execute(),
         };
         std::process::ExitCode::from(code as u8)
     }
@@ -79,6 +84,42 @@ impl EngineFlags {
             Some(cache) => cache.join("fnrunner").join("store"),
             None => std::env::temp_dir().join("fnrunner-store"),
         }
+    }
+}
+
+/// TLS flags of commands that talk to nodes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientTlsFlags {
+    /// CA certificates (PEM) to trust for `https://` nodes [default: the
+    /// public web roots].
+    #[arg(long, env = "FNRUNNER_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for nodes that require mTLS.
+    #[arg(
+        long,
+        env = "FNRUNNER_TLS_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of `--tls-client-cert` (PEM).
+    #[arg(
+        long,
+        env = "FNRUNNER_TLS_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl ClientTlsFlags {
+    pub fn config(&self) -> Result<rustls::ClientConfig, String> {
+        crate::client::ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_client_cert.clone(),
+            key: self.tls_client_key.clone(),
+        }
+        .config()
     }
 }
 
