@@ -254,7 +254,7 @@ impl ServeCommand {
         if self.max_memory_mb > DEFAULT_MAX_MEMORY_MB {
             return Err(format!("--max-memory-mb must be at most {DEFAULT_MAX_MEMORY_MB}"));
         }
-        if self.admin_listen == Some(self.listen) {
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err("--admin-listen must differ from --listen".into());
         }
         Ok(())

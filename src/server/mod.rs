@@ -140,8 +140,8 @@ pub async fn serve(
                         tokio::time::timeout(app.limits.header_read_timeout, acceptor.accept(stream)).await;
                     match handshake {
                         Ok(Ok(stream)) => run_connection(stream, peer, app, builder, stop).await,
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
                 }
             }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -30,6 +30,11 @@ impl Node {
     /// Starts `fnrunner serve DIR --listen 127.0.0.1:0 ARGS…` with its own
     /// module store, and waits for its "listening" line.
     pub fn start(dir: &Path, args: &[&str]) -> Node {
+        Self::start_with_env(dir, args, &std::collections::HashMap::new())
+    }
+
+    /// Like `start`, with extra environment variables for the process.
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &std::collections::HashMap<&str, &str>) -> Node {
         let scratch = tempfile::tempdir().expect("tempdir");
         let log = scratch.path().join("node.log");
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -40,6 +45,7 @@ impl Node {
             .args(["--listen", "127.0.0.1:0", "--store-dir"])
             .arg(&store)
             .args(args)
+            .envs(env)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
