@@ -65,6 +65,11 @@ impl ClientTls {
 pub enum ClientError {
     #[error("bad URL `{0}`")]
     Url(String),
+    /// No connection could be made: the request was not sent.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The exchange failed after the connection was made: the request may
+    /// have reached the node.
     #[error("{0}")]
     Connect(String),
     #[error("{status}: {body}")]
@@ -113,10 +118,13 @@ impl HttpClient {
         &self,
         request: Request<GuestBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        self.client
-            .request(request)
-            .await
-            .map_err(|e| ClientError::Connect(error_text(&e)))
+        self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                ClientError::Unreachable(error_text(&e))
+            } else {
+                ClientError::Connect(error_text(&e))
+            }
+        })
     }
 
     /// Sends a request and reads the whole answer.

@@ -14,6 +14,7 @@ pub mod function;
 pub mod guest;
 pub mod metrics;
 pub mod module_store;
+pub mod placer;
 pub mod pool;
 pub mod runner;
 pub mod server;

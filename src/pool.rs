@@ -181,7 +181,7 @@ pub fn should_reap(
 }
 
 /// What a guest fault does to the rest of the slot's pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EscalationPolicy {
     /// Only the faulty instance goes (the default).
@@ -408,7 +408,7 @@ impl PoolStats {
 }
 
 /// A point-in-time copy of a slot's stats, for `/v1/status` `details`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PoolStatsSnapshot {
     pub received: u64,
     pub processed: u64,

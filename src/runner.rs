@@ -1,6 +1,7 @@
-//! The runner: Fn's `Runner` contract (`try_exec`, `status`, `close`,
-//! `address`) and `LocalRunner`, which owns the functions, the slots keyed
-//! by SlotHashId, the node's capacity, draining, and the call metrics.
+//! The runner: `LocalRunner`, which owns the functions, the slots keyed by
+//! function and SlotHashId, the node's capacity, draining, and the call
+//! metrics. It implements Fn's `Runner` contract (`placer::Runner`) for the
+//! placer.
 //!
 //! # Admission (TryExec)
 //!
@@ -17,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::future::BoxFuture;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,18 +47,8 @@ pub const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// unused slots).
 pub const MAINTENANCE_PERIOD: Duration = Duration::from_millis(50);
 
-/// Fn's runner contract. `LocalRunner` runs calls here; the placer's
-/// `RemoteRunner` sends them to a node over HTTP.
-pub trait Runner: Send + Sync {
-    /// Takes the call (`Committed`), or refuses it at once (`Nack`, with the
-    /// request handed back unread so it can be placed elsewhere).
-    fn try_exec(&self, call: RunnerCall) -> BoxFuture<'_, TryExec>;
-    fn status(&self) -> BoxFuture<'_, Result<RunnerStatus, RunnerError>>;
-    fn close(&self) -> BoxFuture<'_, Result<(), RunnerError>>;
-    fn address(&self) -> &str;
-}
-
-/// One call to place: the function, the request, and its metadata.
+/// One call for `LocalRunner::try_exec`: the function, the request (its
+/// body still unread), and its metadata.
 pub struct RunnerCall {
     pub function: String,
     pub request: GuestRequest,
@@ -133,14 +123,8 @@ pub enum CallFailure {
     Failed(CallError),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunnerError {
-    #[error("{0}")]
-    Failed(String),
-}
-
 /// Fn's RunnerStatus, field for field, as JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunnerStatus {
     pub active_request_count: i64,
     pub requests_received: u64,
@@ -163,7 +147,7 @@ pub struct RunnerStatus {
 }
 
 /// A function's entry in `details`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FunctionDetails {
     pub slot_hash: String,
     /// Present once the slot exists (after the first call or a prewarm).
@@ -1129,26 +1113,4 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// `LocalRunner` behind the `Runner` trait (for the placer).
-impl Runner for Arc<LocalRunner> {
-    fn try_exec(&self, call: RunnerCall) -> BoxFuture<'_, TryExec> {
-        Box::pin(LocalRunner::try_exec(self, call))
-    }
-
-    fn status(&self) -> BoxFuture<'_, Result<RunnerStatus, RunnerError>> {
-        Box::pin(async move { Ok(self.runner_status().await) })
-    }
-
-    fn close(&self) -> BoxFuture<'_, Result<(), RunnerError>> {
-        Box::pin(async move {
-            self.drain();
-            Ok(())
-        })
-    }
-
-    fn address(&self) -> &str {
-        &self.config.address
-    }
 }

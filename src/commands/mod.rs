@@ -2,6 +2,7 @@
 //! exit codes they share.
 
 mod bench;
+mod call;
 mod invoke;
 mod serve;
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchCommand;
+pub use call::CallCommand;
 pub use invoke::InvokeCommand;
 pub use serve::{ServeCommand, shutdown_signal};
 
@@ -29,6 +31,8 @@ pub enum Command {
     Serve(Box<ServeCommand>),
     /// Measure cold starts, in process or against running nodes.
     Bench(Box<BenchCommand>),
+    /// Place one call across runner nodes and print the response body.
+    Call(Box<CallCommand>),
 }
 
 impl Command {
@@ -37,6 +41,7 @@ impl Command {
             Command::Invoke(command) => command.execute(),
             Command::Serve(command) => command.execute(),
             Command::Bench(command) => command.execute(),
+            Command::Call(command) => command.execute(),
         };
         std::process::ExitCode::from(code as u8)
     }
@@ -148,9 +153,12 @@ pub fn human(duration: std::time::Duration) -> String {
 pub fn init_logging(format: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // NB: colours only on a terminal; a log file gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         "json" => builder
             .json()

@@ -67,6 +67,11 @@ pub struct ServeCommand {
     #[arg(long, env = "FNRUNNER_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
 
+    /// After SIGTERM, keep answering NACKs at least this long (even once
+    /// idle), so load balancers see the node leave before its port closes.
+    #[arg(long, env = "FNRUNNER_DRAIN_LINGER", default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    drain_linger: Duration,
+
     /// Instances (pooling-allocator slots) live at once on this node.
     #[arg(long, env = "FNRUNNER_MAX_INSTANCES", default_value_t = DEFAULT_TOTAL_INSTANCES, value_name = "N")]
     max_instances: u32,
@@ -439,6 +444,7 @@ impl ServeCommand {
 
         shutdown_signal().await;
         tracing::info!(timeout = ?self.drain_timeout, "draining: new calls are NACKed");
+        let drain_started = tokio::time::Instant::now();
         runner.drain();
         if runner.wait_idle(self.drain_timeout).await {
             tracing::info!("drained");
@@ -448,6 +454,7 @@ impl ServeCommand {
                 "drain timeout passed with calls still running"
             );
         }
+        tokio::time::sleep_until(drain_started + self.drain_linger).await;
         let _ = stop_tx.send(true);
         for server in servers {
             let _ = server.await;

@@ -315,59 +315,7 @@ impl App {
                 created,
             })
             .await;
-        match outcome {
-            TryExec::Nack {
-                reason, retry_after, ..
-            } => {
-                let mut response = nack_response(reason, retry_after, call_id.as_str());
-                response
-                    .headers_mut()
-                    .insert("server-timing", server_timing(created.elapsed(), Duration::ZERO));
-                response
-            }
-            TryExec::Committed(committed) => {
-                let mut response = match committed.result {
-                    Ok(Answer::Response {
-                        response,
-                        scheduler_time,
-                        execution_time,
-                    }) => {
-                        let mut headers = response.headers;
-                        let body = settle(response.body, &mut headers).await;
-                        let mut out = Response::new(body);
-                        *out.status_mut() = response.status;
-                        *out.headers_mut() = headers;
-                        out.headers_mut()
-                            .insert("server-timing", server_timing(scheduler_time, execution_time));
-                        out
-                    }
-                    Ok(Answer::Accepted) => {
-                        let mut out = Response::new(full_body(Bytes::new()));
-                        *out.status_mut() = StatusCode::ACCEPTED;
-                        out
-                    }
-                    Err(CallFailure::NotFound(name)) => error_response(
-                        StatusCode::NOT_FOUND,
-                        "unknown_function",
-                        &format!("no function named `{name}`"),
-                        Some(committed.call_id.as_str()),
-                    ),
-                    Err(CallFailure::Failed(error)) => {
-                        call_error_response(&error, committed.call_id.as_str())
-                    }
-                };
-                let headers = response.headers_mut();
-                if let Ok(value) = HeaderValue::from_str(committed.call_id.as_str()) {
-                    headers.insert(CALL_ID_HEADER, value);
-                }
-                if let Some(hash) = committed.slot_hash
-                    && let Ok(value) = HeaderValue::from_str(hash.as_str())
-                {
-                    headers.insert("fn-slot-hash", value);
-                }
-                response
-            }
-        }
+        try_exec_response(outcome, created).await
     }
 
     /// The request as the guest sees it: the path after `/fn/{function}`,
@@ -445,6 +393,65 @@ impl App {
             }
         }
     }
+}
+
+/// The HTTP response for what `LocalRunner::try_exec` did with a call:
+/// a NACK, or the committed call's answer with its `fn-call-id`,
+/// `fn-slot-hash` and `server-timing`.
+pub async fn try_exec_response(outcome: TryExec, created: Instant) -> Response<GuestBody> {
+    let committed = match outcome {
+        TryExec::Nack {
+            reason,
+            retry_after,
+            call,
+        } => {
+            let call_id = call.options.call_id.map(|id| id.to_string()).unwrap_or_default();
+            let mut response = nack_response(reason, retry_after, &call_id);
+            response
+                .headers_mut()
+                .insert("server-timing", server_timing(created.elapsed(), Duration::ZERO));
+            return response;
+        }
+        TryExec::Committed(committed) => committed,
+    };
+    let mut response = match committed.result {
+        Ok(Answer::Response {
+            response,
+            scheduler_time,
+            execution_time,
+        }) => {
+            let mut headers = response.headers;
+            let body = settle(response.body, &mut headers).await;
+            let mut out = Response::new(body);
+            *out.status_mut() = response.status;
+            *out.headers_mut() = headers;
+            out.headers_mut()
+                .insert("server-timing", server_timing(scheduler_time, execution_time));
+            out
+        }
+        Ok(Answer::Accepted) => {
+            let mut out = Response::new(full_body(Bytes::new()));
+            *out.status_mut() = StatusCode::ACCEPTED;
+            out
+        }
+        Err(CallFailure::NotFound(name)) => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_function",
+            &format!("no function named `{name}`"),
+            Some(committed.call_id.as_str()),
+        ),
+        Err(CallFailure::Failed(error)) => call_error_response(&error, committed.call_id.as_str()),
+    };
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(committed.call_id.as_str()) {
+        headers.insert(CALL_ID_HEADER, value);
+    }
+    if let Some(hash) = committed.slot_hash
+        && let Ok(value) = HeaderValue::from_str(hash.as_str())
+    {
+        headers.insert("fn-slot-hash", value);
+    }
+    response
 }
 
 /// Most bytes of a streamed body held back to send it whole.

@@ -2,6 +2,7 @@
 //! test process, slots from fixtures, and running the real binary.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod node;
 pub mod tls;
 
