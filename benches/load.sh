@@ -96,7 +96,7 @@ sys.exit(0 if pool.get('ready', 0) >= 1 else 1)"; do
     local first warm
     first=$(curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:18180/fn/$name")
     warm=$(for _ in $(seq 21); do curl -s -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:18180/fn/$name"; done | sort -n | sed -n 11p)
-    printf '| %s | first call %.2f ms | warm call (median of 21) %.2f ms |\n' "$name ($settings)" \
+    printf '| %s | first call %.2f ms | warm call (median of 21) %.2f ms |\n' "$name (${settings//$'\n'/, })" \
         "$(echo "$first * 1000" | bc -l)" "$(echo "$warm * 1000" | bc -l)"
 }
 echo
