@@ -43,6 +43,21 @@ async fn wait_active(node: &Node, count: u64) {
     assert!(busy, "{count} calls running on {}", node.addr);
 }
 
+/// Starts a POST to `path` on `node` and returns once it runs there (it
+/// holds one of the node's places until it ends).
+async fn hold(node: &Node, path: &'static str, body: &'static str) -> tokio::task::JoinHandle<Reply> {
+    let call = tokio::spawn(send(
+        node.addr,
+        Proto::Http1,
+        "POST",
+        path,
+        &[],
+        Bytes::from_static(body.as_bytes()),
+    ));
+    wait_active(node, 1).await;
+    call
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_functions_calls_stay_on_one_node_behind_nginx_and_haproxy() {
     let fleet = Fleet::start();
@@ -70,15 +85,7 @@ async fn a_saturated_node_nacks_and_the_lb_replays_the_call_body_and_all() {
     for lb in [nginx(&fleet.addrs()), haproxy(&fleet.addrs())] {
         let owner_index = owner(&fleet, lb.addr, "/fn/slow?ms=1").await;
         let owner = fleet.node(owner_index);
-        let holder = tokio::spawn(send(
-            owner.addr,
-            Proto::Http1,
-            "POST",
-            "/fn/slow?ms=3000",
-            &[],
-            Bytes::from("hold"),
-        ));
-        wait_active(owner, 1).await;
+        let holder = hold(owner, "/fn/slow?ms=3000", "hold").await;
         let before = owner.status().await;
         let payload = format!("payload for {} — replayed whole", lb.name);
         let reply = via(lb.addr, "POST", "/fn/slow?ms=1", &[], &payload).await;
@@ -253,15 +260,7 @@ async fn fnrunner_call_replays_a_nacked_call_with_each_placer() {
     let urls = fleet.urls();
     // ch: the function's first runner is busy, the next in the ring takes it.
     let first = fnrunner::placer::first_runner("slow", 3);
-    let holder = tokio::spawn(send(
-        fleet.node(first).addr,
-        Proto::Http1,
-        "POST",
-        "/fn/slow?ms=3000",
-        &[],
-        Bytes::from("hold"),
-    ));
-    wait_active(fleet.node(first), 1).await;
+    let holder = hold(fleet.node(first), "/fn/slow?ms=3000", "hold").await;
     let out = call_cli_async(
         urls.clone(),
         "ch",
@@ -403,15 +402,7 @@ async fn fnrunner_call_moves_off_a_draining_node_with_no_failed_call() {
         let mut fleet = Fleet::start();
         let urls = fleet.urls();
         let victim = fnrunner::placer::first_runner("long", 3);
-        let running = tokio::spawn(send(
-            fleet.node(victim).addr,
-            Proto::Http1,
-            "POST",
-            "/fn/long?ms=1500",
-            &[],
-            Bytes::from("finishing"),
-        ));
-        wait_active(fleet.node(victim), 1).await;
+        let running = hold(fleet.node(victim), "/fn/long?ms=1500", "finishing").await;
         fleet.node(victim).signal(libc::SIGTERM);
         for i in 0..15 {
             let out = call_cli_async(
