@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
+use toml_writer::{ToTomlKey as _, ToTomlValue as _};
 
 use crate::guest::GuestKind;
 use crate::module_store::ModuleDigest;
@@ -209,10 +210,16 @@ impl Settings {
         if !self.env.is_empty() {
             out.push_str("\n[env]\n");
             for (key, value) in &self.env {
-                out.push_str(&format!("{} = {}\n", toml_str(key), toml_str(value)));
+                out.push_str(&format!("{} = {}\n", key.to_toml_key(), toml_str(value)));
             }
         }
         out
+    }
+
+    /// The settings as a TOML table: what `to_toml` writes, read back (for
+    /// merging a PATCH and for JSON reports).
+    pub fn to_table(&self) -> Result<toml::Table, toml::de::Error> {
+        toml::from_str(&self.to_toml())
     }
 
     /// Applies command-line overrides on top of the file's settings.
@@ -842,8 +849,10 @@ fn locate(text: &str, span: Option<std::ops::Range<usize>>) -> (Option<usize>, O
     (Some(line), key)
 }
 
+/// `s` as a TOML string value. NB: keys are written with `to_toml_key`,
+/// for a value may be a multi-line string and a key may not.
 fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+    s.to_toml_value()
 }
 
 #[cfg(test)]
@@ -991,6 +1000,20 @@ mod tests {
             tmp.path().display().to_string()
         );
         let parsed = settings(&text);
+        let again = Settings::parse(&parsed.to_toml(), "again", Path::new(".")).expect("round trip");
+        assert_eq!(parsed, again);
+    }
+
+    #[test]
+    fn env_keys_and_values_with_quotes_and_backslashes_round_trip() {
+        // Found by the `settings` fuzz target: a key holding both kinds of
+        // quote and a backslash was written as a multi-line literal string.
+        let parsed = settings(
+            r#"[env]
+"B '#\\#\"" = "d\te'''"
+"#,
+        );
+        assert_eq!(parsed.env.get("B '#\\#\""), Some(&"d\te'''".to_owned()));
         let again = Settings::parse(&parsed.to_toml(), "again", Path::new(".")).expect("round trip");
         assert_eq!(parsed, again);
     }

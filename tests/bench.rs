@@ -27,6 +27,11 @@ fn check_report(path: &Path, mode: &str, phases: &[(&str, usize)]) -> serde_json
     assert!(report["machine"]["cpu"].is_string());
     assert_eq!(report["module"]["digest"].as_str().map(str::len), Some(64));
     assert!(report["settings"].is_object());
+    assert!(
+        report["settings"]["function"]["memory_mb"].as_u64().is_some(),
+        "the function's settings are recorded: {}",
+        report["settings"]
+    );
     let got = report["phases"].as_array().expect("phases");
     assert_eq!(got.len(), phases.len(), "{got:?}");
     for (phase, (name, count)) in got.iter().zip(phases) {

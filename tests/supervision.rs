@@ -369,6 +369,40 @@ async fn a_pool_settings_change_keeps_the_slot_and_a_memory_change_makes_a_new_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_keeps_every_setting_it_does_not_name() {
+    // An env key with both kinds of quote and a backslash once made the
+    // current settings unreadable, and a PATCH fell back to the defaults.
+    let dir = tempfile::tempdir().expect("tempdir");
+    add_function(
+        dir.path(),
+        "env",
+        "env",
+        Some("memory_mb = 32\n[env]\n\"B '#\\\\#\\\"\" = \"kept\"\n"),
+    );
+    let node = Node::start(dir.path(), &[]);
+    let before = node.get("/v1/functions/env").await.json();
+    assert_eq!(before["settings"]["env"]["B '#\\#\""], "kept");
+    let patched = send(
+        node.addr,
+        Proto::Http1,
+        "PATCH",
+        "/v1/functions/env",
+        &[],
+        Bytes::from("max_concurrency = 5\n"),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    let after = patched.json();
+    assert_eq!(after["settings"]["memory_mb"], 32);
+    assert_eq!(after["settings"]["env"], before["settings"]["env"]);
+    assert_eq!(after["slot_hash"], before["slot_hash"]);
+    assert!(
+        node.get("/fn/env").await.text().contains("B '#\\#\"=kept"),
+        "the guest still sees its env"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_can_ask_for_its_instance_to_be_retired() {
     let dir = tempfile::tempdir().expect("tempdir");
     add_function(dir.path(), "counter", "counter", Some("max_jobs = 100\n"));

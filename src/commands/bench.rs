@@ -356,7 +356,7 @@ impl BenchCommand {
                 "pooling_allocator": true,
                 "memory_init_cow": true,
             },
-            "function": serde_json::from_str::<toml::Value>(&def.settings.to_toml()).ok(),
+            "function": def.settings.to_table().ok(),
         });
         Ok(Report::new("in-process", self.module_info(def), settings, phases))
     }
@@ -462,7 +462,7 @@ impl BenchCommand {
             "functions": self.functions,
             "iterations": self.iterations,
             "concurrency": self.concurrency,
-            "function": serde_json::from_str::<toml::Value>(&def.settings.to_toml()).ok(),
+            "function": def.settings.to_table().ok(),
         });
         Ok(Report::new("http", self.module_info(def), settings, phases))
     }

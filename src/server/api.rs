@@ -47,9 +47,11 @@ pub struct FunctionInfo {
 
 impl FunctionInfo {
     pub fn of(def: &FunctionDef) -> Self {
-        let settings = toml::from_str::<toml::Value>(&def.settings.to_toml())
+        let settings = def
+            .settings
+            .to_table()
             .ok()
-            .and_then(|value| serde_json::to_value(value).ok())
+            .and_then(|table| serde_json::to_value(table).ok())
             .unwrap_or(serde_json::Value::Null);
         Self {
             name: def.name.to_string(),
@@ -190,7 +192,20 @@ async fn patch(app: &App, name: String, request: Request<Incoming>) -> Response<
         Ok(changes) => changes,
         Err(error) => return invalid(format!("PATCH settings: {}", error.message())),
     };
-    let mut merged: toml::Table = toml::from_str(&current.settings.to_toml()).unwrap_or_default();
+    // NB: never merge onto defaults: a PATCH that cannot see the current
+    // settings would silently drop them.
+    let mut merged = match current.settings.to_table() {
+        Ok(merged) => merged,
+        Err(error) => {
+            tracing::error!(function = %name, %error, "the current settings do not read back");
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+                None,
+            );
+        }
+    };
     for (key, value) in changes {
         merged.insert(key, value);
     }
