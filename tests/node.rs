@@ -314,17 +314,7 @@ async fn redeploy_makes_a_new_slot_while_a_call_on_the_old_one_completes() {
         .await,
         "the call on the old slot is running"
     );
-    let module = std::fs::read(fixture("echo")).expect("echo");
-    let (body, content_type) = multipart(&[("module", &module), ("settings", b"memory_mb = 64\n")]);
-    let deployed = send(
-        node.addr,
-        Proto::Http1,
-        "PUT",
-        "/v1/functions/f",
-        &[("content-type", &content_type)],
-        body,
-    )
-    .await;
+    let deployed = node.deploy("f", "echo", "memory_mb = 64\n").await;
     assert_eq!(deployed.status, 200, "{}", deployed.text());
     let new_hash = deployed.json()["slot_hash"].as_str().map(str::to_owned);
     assert_ne!(new_hash, old_hash);
@@ -338,7 +328,7 @@ async fn redeploy_makes_a_new_slot_while_a_call_on_the_old_one_completes() {
     assert_eq!(Some(old.header("fn-slot-hash")), old_hash);
     assert_eq!(
         std::fs::read(dir.path().join("f.wasm")).expect("persisted"),
-        module
+        std::fs::read(fixture("echo")).expect("echo"),
     );
     assert_eq!(
         std::fs::read_to_string(dir.path().join("f.toml")).expect("persisted"),

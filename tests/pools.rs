@@ -89,20 +89,9 @@ async fn two_concurrent_calls_never_share_an_instance() {
 async fn min_warm_instances_exist_before_the_first_call_which_makes_none() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = Node::start(dir.path(), &[]);
-    let module = std::fs::read(common::fixture("counter")).expect("counter");
-    let (body, content_type) = multipart(&[
-        ("module", &module),
-        ("settings", b"max_jobs = 10\nmin_warm = 2\n"),
-    ]);
-    let deployed = send(
-        node.addr,
-        Proto::Http1,
-        "PUT",
-        "/v1/functions/warm",
-        &[("content-type", &content_type)],
-        body,
-    )
-    .await;
+    let deployed = node
+        .deploy("warm", "counter", "max_jobs = 10\nmin_warm = 2\n")
+        .await;
     assert_eq!(deployed.status, 201, "{}", deployed.text());
     let stats = pool(&node.status().await, "warm");
     assert_eq!(stats["current"], 2, "{stats}");

@@ -248,15 +248,7 @@ async fn reset_gives_fresh_instances_without_failing_a_call_in_flight() {
         .await,
         "the call is running"
     );
-    let reset = send(
-        node.addr,
-        Proto::Http1,
-        "POST",
-        "/v1/functions/counter/reset",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let reset = node.post("/v1/functions/counter/reset", Bytes::new()).await;
     assert_eq!(reset.status, 200, "{}", reset.text());
     let finished = in_flight.await.expect("join");
     assert_eq!(
@@ -269,15 +261,7 @@ async fn reset_gives_fresh_instances_without_failing_a_call_in_flight() {
         "1\n",
         "a fresh instance after the reset"
     );
-    let unknown = send(
-        node.addr,
-        Proto::Http1,
-        "POST",
-        "/v1/functions/nope/reset",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let unknown = node.post("/v1/functions/nope/reset", Bytes::new()).await;
     assert_eq!(unknown.status, 404);
 }
 
@@ -288,15 +272,7 @@ async fn a_pool_settings_change_keeps_the_slot_and_a_memory_change_makes_a_new_o
     let node = Node::start(dir.path(), &[]);
     let hash = node.get("/v1/functions/counter").await.json()["slot_hash"].clone();
     assert_eq!(node.get("/fn/counter").await.text(), "1\n");
-    let patched = send(
-        node.addr,
-        Proto::Http1,
-        "PATCH",
-        "/v1/functions/counter",
-        &[],
-        Bytes::from("max_concurrency = 5\n"),
-    )
-    .await;
+    let patched = node.patch("/v1/functions/counter", "max_concurrency = 5\n").await;
     assert_eq!(patched.status, 200, "{}", patched.text());
     assert_eq!(patched.json()["slot_changed"], false);
     assert_eq!(patched.json()["slot_hash"], hash);
@@ -312,20 +288,9 @@ async fn a_pool_settings_change_keeps_the_slot_and_a_memory_change_makes_a_new_o
         "the new limit applies"
     );
 
-    let module = std::fs::read(common::fixture("counter")).expect("fixture");
-    let (body, content_type) = multipart(&[
-        ("module", &module),
-        ("settings", b"max_jobs = 100\nmin_warm = 1\n"),
-    ]);
-    let same_bytes = send(
-        node.addr,
-        Proto::Http1,
-        "PUT",
-        "/v1/functions/counter",
-        &[("content-type", &content_type)],
-        body,
-    )
-    .await;
+    let same_bytes = node
+        .deploy("counter", "counter", "max_jobs = 100\nmin_warm = 1\n")
+        .await;
     assert_eq!(
         same_bytes.json()["slot_changed"],
         false,
@@ -333,15 +298,7 @@ async fn a_pool_settings_change_keeps_the_slot_and_a_memory_change_makes_a_new_o
     );
     assert_eq!(node.get("/fn/counter").await.text(), "3\n");
 
-    let memory = send(
-        node.addr,
-        Proto::Http1,
-        "PATCH",
-        "/v1/functions/counter",
-        &[],
-        Bytes::from("memory_mb = 64\n"),
-    )
-    .await;
+    let memory = node.patch("/v1/functions/counter", "memory_mb = 64\n").await;
     assert_eq!(memory.status, 200, "{}", memory.text());
     assert_eq!(memory.json()["slot_changed"], true);
     assert_ne!(memory.json()["slot_hash"], hash);
@@ -356,15 +313,7 @@ async fn a_pool_settings_change_keeps_the_slot_and_a_memory_change_makes_a_new_o
             .contains("memory_mb = 64"),
         "the patch was persisted"
     );
-    let bad = send(
-        node.addr,
-        Proto::Http1,
-        "PATCH",
-        "/v1/functions/counter",
-        &[],
-        Bytes::from("max_jobs = \"x\"\n"),
-    )
-    .await;
+    let bad = node.patch("/v1/functions/counter", "max_jobs = \"x\"\n").await;
     assert_eq!(bad.status, 400);
 }
 
@@ -382,15 +331,7 @@ async fn a_patch_keeps_every_setting_it_does_not_name() {
     let node = Node::start(dir.path(), &[]);
     let before = node.get("/v1/functions/env").await.json();
     assert_eq!(before["settings"]["env"]["B '#\\#\""], "kept");
-    let patched = send(
-        node.addr,
-        Proto::Http1,
-        "PATCH",
-        "/v1/functions/env",
-        &[],
-        Bytes::from("max_concurrency = 5\n"),
-    )
-    .await;
+    let patched = node.patch("/v1/functions/env", "max_concurrency = 5\n").await;
     assert_eq!(patched.status, 200, "{}", patched.text());
     let after = patched.json();
     assert_eq!(after["settings"]["memory_mb"], 32);

@@ -138,6 +138,27 @@ impl Node {
         send(self.addr, Proto::Http1, "POST", path, &[], body.into()).await
     }
 
+    pub async fn patch(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        send(self.addr, Proto::Http1, "PATCH", path, &[], body.into()).await
+    }
+
+    /// Deploys fixture `fixture_name` as function `name` with `settings`
+    /// (`PUT /v1/functions/NAME`, multipart).
+    pub async fn deploy(&self, name: &str, fixture_name: &str, settings: &str) -> Reply {
+        let module = std::fs::read(fixture(fixture_name)).expect("fixture");
+        let (body, content_type) = multipart(&[("module", &module), ("settings", settings.as_bytes())]);
+        let path = format!("/v1/functions/{name}");
+        send(
+            self.addr,
+            Proto::Http1,
+            "PUT",
+            &path,
+            &[("content-type", &content_type)],
+            body,
+        )
+        .await
+    }
+
     pub async fn status(&self) -> serde_json::Value {
         self.get("/v1/status").await.json()
     }
